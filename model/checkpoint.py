@@ -1,0 +1,143 @@
+"""The checkpoint: one file that carries everything needed to serve a model.
+
+A plain dict of strings, numbers, lists and tensors, so it loads with
+``torch.load(path, weights_only=True)`` (no pickled code):
+
+- ``format`` / ``version``: ``"msdnet-serve-checkpoint"`` / 1.
+- ``config``: :class:`~model.config.MSDNetConfig` fields.
+- ``state_dict``: the weights.
+- ``classes``: class names, indexed by label.
+- ``transforms``: ``image_size``, ``channels``, ``mean``, ``std`` (pixel values in
+  [0, 1]), ``resize`` (the Pillow filter).
+- ``costs``: per exit, cumulative ``flops`` and ``flops_lazy`` (multiply-accumulates
+  of convs and linears at batch 1, as the MSDNet paper counts them) and ``params``.
+- ``validation``: the data set, ``seed`` and ``size`` of the held-out split.
+- ``calibration``: per-exit ``temperatures`` and ``thresholds`` (or None before
+  ``msdnet calibrate``), and how they were chosen.
+- ``card``: metrics and the training command and wall time.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import MSDNetConfig
+from .costs import ExitCost, exit_costs
+from .network import MSDNet
+
+FORMAT = "msdnet-serve-checkpoint"
+VERSION = 1
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "fashion-mnist.pt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint file is missing, corrupt, foreign or does not match its model."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (eval mode) and its metadata dict."""
+
+    model: MSDNet
+    meta: dict
+    path: Path | None = None
+
+    @property
+    def config(self) -> MSDNetConfig:
+        return self.model.cfg
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def transforms(self) -> dict:
+        return self.meta["transforms"]
+
+    @property
+    def calibration(self) -> dict | None:
+        return self.meta.get("calibration")
+
+    def exit_flops(self, lazy: bool = True) -> list[int]:
+        """Cumulative FLOPs per exit (multiply-accumulates, batch 1)."""
+        return [c["flops_lazy" if lazy else "flops"] for c in self.meta["costs"]]
+
+    def save(self, path: str | Path) -> None:
+        """Write the file atomically (a temporary file, then a rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save({**self.meta, "state_dict": self.model.state_dict()}, tmp)
+        tmp.replace(path)
+        self.path = path
+
+
+def costs_table(costs: list[ExitCost]) -> list[dict]:
+    return [{"exit": c.exit, "flops": c.flops, "flops_lazy": c.flops_lazy,
+             "flops_official": c.flops_official, "params": c.params} for c in costs]
+
+
+def build(model: MSDNet, classes: list[str], mean: list[float], std: list[float], *,
+          validation: dict, card: dict, calibration: dict | None = None) -> Checkpoint:
+    """A checkpoint for a trained model; measures the per-exit costs."""
+    cfg = model.cfg
+    meta = {
+        "format": FORMAT, "version": VERSION,
+        "config": cfg.to_dict(),
+        "classes": list(classes),
+        "transforms": {"image_size": cfg.image_size, "channels": cfg.in_channels,
+                       "mean": list(mean), "std": list(std), "resize": "bilinear"},
+        "costs": costs_table(exit_costs(model)),
+        "validation": validation,
+        "calibration": calibration,
+        "card": card,
+    }
+    return Checkpoint(model.eval(), meta)
+
+
+def load(path: str | Path = DEFAULT_CHECKPOINT) -> Checkpoint:
+    """Load and check a checkpoint; the model is returned in eval mode on the CPU.
+
+    Raises:
+        CheckpointError: naming the problem when the file is missing, not a torch
+            file, corrupt, another program's file, or its weights do not match
+            its config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt or truncated?): {first}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an msdnet-serve checkpoint (no '{FORMAT}' format tag)")
+    if data.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {data.get('version')}; this code reads {VERSION}")
+    missing = [k for k in ("config", "state_dict", "classes", "transforms", "costs") if k not in data]
+    if missing:
+        raise CheckpointError(f"{path} lacks the field(s) {missing}")
+    try:
+        cfg = MSDNetConfig.from_dict(data["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} holds a bad config: {exc}") from exc
+    model = MSDNet(cfg)
+    try:
+        model.load_state_dict(data.pop("state_dict"))
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise CheckpointError(f"{path}: weights do not match the config ({'; '.join(lines[1:3])[:300]})") from exc
+    if len(data["classes"]) != cfg.num_classes or len(data["costs"]) != cfg.n_blocks:
+        raise CheckpointError(f"{path}: {len(data['classes'])} class names and {len(data['costs'])} exit costs "
+                              f"for a config of {cfg.num_classes} classes and {cfg.n_blocks} exits")
+    cal = data.get("calibration")
+    if cal is not None and (len(cal.get("temperatures", [])) != cfg.n_blocks
+                            or len(cal.get("thresholds", [])) != cfg.n_blocks):
+        raise CheckpointError(f"{path}: calibration does not have one temperature and threshold per exit")
+    return Checkpoint(model.eval(), data, path)

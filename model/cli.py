@@ -1,0 +1,121 @@
+"""``msdnet`` sub-commands for the model: info, train, calibrate, evaluate.
+
+The console script itself lives in :mod:`server.cli`, which adds ``serve``;
+``python -m model.cli`` runs these without the server installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import checkpoint as ckpt
+from .config import PRESETS, MSDNetConfig, preset
+from .data import DATASETS, DataError
+
+
+def _config_from(args) -> MSDNetConfig:
+    if getattr(args, "checkpoint", None):
+        return ckpt.load(args.checkpoint).config
+    if args.config:
+        return MSDNetConfig.from_json(args.config)
+    return preset(args.preset or "fashion-mnist")
+
+
+def _add_config_source(p: argparse.ArgumentParser, with_checkpoint: bool) -> None:
+    g = p.add_mutually_exclusive_group(required=with_checkpoint)
+    g.add_argument("--preset", choices=list(PRESETS), help="a named configuration")
+    g.add_argument("--config", metavar="FILE", help="a JSON file of MSDNetConfig fields")
+    if with_checkpoint:
+        g.add_argument("--checkpoint", metavar="FILE", help="read the config from a checkpoint")
+
+
+def cmd_info(args) -> int:
+    from .costs import exit_costs
+    from .network import MSDNet
+
+    cfg = _config_from(args)
+    costs = exit_costs(MSDNet(cfg))
+    rows = [{"exit": c.exit, "flops": c.flops, "flops_lazy": c.flops_lazy,
+             "flops_official": c.flops_official, "params": c.params} for c in costs]
+    if args.json:
+        print(json.dumps({"unit": "multiply-accumulates of convs and linears, cumulative, batch 1",
+                          "exits": rows}, indent=2))
+        return 0
+    print("Per-exit cumulative cost at batch size 1. FLOPs = multiply-accumulates of convs and linears")
+    print("(MSDNet paper); 'lazy' defers finer-scale work that only later exits need (paper §4);")
+    print("'official' adds ReLU/pooling/bias ops as the official MSDNet counter does.")
+    print(f"{'exit':>4} {'MFLOPs':>10} {'MFLOPs lazy':>12} {'MFLOPs official':>16} {'params (M)':>11}")
+    for r in rows:
+        print(f"{r['exit']:>4} {r['flops'] / 1e6:>10.2f} {r['flops_lazy'] / 1e6:>12.2f} "
+              f"{r['flops_official'] / 1e6:>16.2f} {r['params'] / 1e6:>11.3f}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import TrainOptions, shell_command, train
+
+    opts = TrainOptions(
+        config=_config_from(args), data=args.data, data_dir=args.data_dir, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, weight_decay=args.weight_decay,
+        val_size=args.val_size, seed=args.seed, pad=args.pad, gradient_equilibrium=args.gradient_equilibrium,
+        distill=args.distill, distill_temperature=args.distill_temperature, device=args.device,
+        threads=args.threads, limit_train=args.limit_train, out=args.out, resume=args.resume)
+    result = train(opts, command=shell_command(sys.argv[1:]))
+    print(f"wrote {args.out} (validation top-1 per exit: {result.meta['card']['metrics']['val_top1']}); "
+          f"next: msdnet calibrate --checkpoint {args.out}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Register the model sub-commands on an ``argparse`` sub-parser set."""
+    p = sub.add_parser("info", help="per-exit cumulative FLOPs and parameters")
+    _add_config_source(p, with_checkpoint=True)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train an MSDNet (sum of per-exit cross-entropies)")
+    _add_config_source(p, with_checkpoint=False)
+    p.add_argument("--data", choices=DATASETS, default="fashion-mnist")
+    p.add_argument("--data-dir", help="folder of the data files (default for fashion-mnist: "
+                   "/usr/share/datasets/fashion-mnist)")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1, help="initial learning rate")
+    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--val-size", type=int, default=5000, help="held-out validation images from the training set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pad", type=int, default=2, help="random-crop padding in pixels (0: no augmentation)")
+    p.add_argument("--gradient-equilibrium", action="store_true", help="IMTA gradient equilibrium")
+    p.add_argument("--distill", type=float, default=0.0, help="IMTA distillation weight in [0, 1]")
+    p.add_argument("--distill-temperature", type=float, default=4.0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--limit-train", type=int, help="use only this many training images (smoke tests)")
+    p.add_argument("--out", default=str(ckpt.DEFAULT_CHECKPOINT), help="checkpoint to write")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.state")
+    p.set_defaults(func=cmd_train)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse and dispatch; known errors print one line and exit 2."""
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ckpt.CheckpointError, DataError, ValueError, KeyError, FileNotFoundError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"msdnet {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="msdnet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(sub)
+    return run(parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

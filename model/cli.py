@@ -68,6 +68,46 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .evaluate import calibrate
+
+    ck = ckpt.load(args.checkpoint)
+    cal = calibrate(ck, args.data_dir, target_flops=args.target_flops, max_drop=args.max_drop / 100)
+    ck.save(args.out or args.checkpoint)
+    temps = ", ".join(f"{t:.3f}" for t in cal["temperatures"])
+    ths = ", ".join(f"{t:.4f}" for t in cal["thresholds"])
+    print(f"temperatures: {temps}\nthresholds: {ths}\n"
+          f"validation: mean {cal['target_flops'] / 1e6:.2f} MFLOPs per image (multiply-accumulates, lazy), "
+          f"top-1 {100 * cal['val_top1']:.2f}% ({cal['rule']}); {len(cal['curve'])} curve points")
+    print(f"wrote {args.out or args.checkpoint}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, plot
+
+    ck = ckpt.load(args.checkpoint)
+    result = evaluate(ck, args.data_dir, latency_repeats=args.latency_repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        plot(result, args.plot)
+    print("Anytime (test split). MFLOPs = cumulative multiply-accumulates of convs and linears per image;")
+    print("'lazy' = with lazy evaluation (what the server spends). Latency: CPU, staged forward, median.")
+    print(f"{'exit':>4} {'top-1 %':>8} {'MFLOPs':>8} {'lazy':>8} {'params M':>9} {'ms b=1':>8} {'ms b=64':>8}")
+    for r in result["anytime"]:
+        print(f"{r['exit']:>4} {100 * r['top1']:>8.2f} {r['flops'] / 1e6:>8.2f} {r['flops_lazy'] / 1e6:>8.2f} "
+              f"{r['params'] / 1e6:>9.3f} {r['latency_ms_b1']:>8.2f} {r['latency_ms_b64']:>8.2f}")
+    d = result["default"]
+    print(f"default thresholds: test top-1 {100 * d['top1']:.2f}% at {d['mean_flops'] / 1e6:.2f} MFLOPs per image "
+          f"(exit shares {', '.join(f'{s:.3f}' for s in d['exit_shares'])})")
+    print("budgeted batch (thresholds from validation; test):")
+    for r in result["budgeted"][:: max(1, len(result["budgeted"]) // 12)]:
+        print(f"  {r['mean_flops'] / 1e6:6.2f} MFLOPs  top-1 {100 * r['top1']:.2f}%")
+    return 0
+
+
 def add_commands(sub) -> None:
     """Register the model sub-commands on an ``argparse`` sub-parser set."""
     p = sub.add_parser("info", help="per-exit cumulative FLOPs and parameters")
@@ -97,6 +137,25 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default=str(ckpt.DEFAULT_CHECKPOINT), help="checkpoint to write")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("calibrate", help="per-exit temperatures and budgeted-batch thresholds (validation split)")
+    p.add_argument("--checkpoint", default=str(ckpt.DEFAULT_CHECKPOINT))
+    p.add_argument("--data-dir")
+    p.add_argument("--target-flops", type=float, help="mean FLOPs per image the default thresholds may spend "
+                   "(multiply-accumulates); default: cheapest point within --max-drop of the last exit")
+    p.add_argument("--max-drop", type=float, default=0.2, help="accuracy points the default may lose (0.2)")
+    p.add_argument("--out", help="write here instead of updating the checkpoint in place")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("evaluate", help="anytime table and budgeted-batch curve on the test split")
+    p.add_argument("--checkpoint", default=str(ckpt.DEFAULT_CHECKPOINT))
+    p.add_argument("--data", choices=DATASETS, default="fashion-mnist",
+                   help="must match the checkpoint's data set")
+    p.add_argument("--data-dir")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    p.add_argument("--plot", metavar="OUT.png", help="plot accuracy against FLOPs")
+    p.add_argument("--latency-repeats", type=int, default=20)
+    p.set_defaults(func=cmd_evaluate)
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:

@@ -186,7 +186,7 @@ def train(opts: TrainOptions, command: str | None = None) -> ckpt.Checkpoint:
             seen += n
             running += torch.stack([p.detach().cpu() for p in per_exit]) * n
             correct += torch.stack([(z.argmax(1) == y).sum().cpu() for z in logits])
-            bar.set_postfix(loss=" ".join(f"{v:.2f}" for v in (running / seen).tolist()),
+            bar.set_postfix(refresh=False, loss=" ".join(f"{v:.2f}" for v in (running / seen).tolist()),
                             acc=" ".join(f"{v:.3f}" for v in (correct / seen).tolist()))
         bar.close()
         val_acc = exit_accuracy(model, val_set, mean, std, device=opts.device)

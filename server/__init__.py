@@ -1,0 +1,1 @@
+"""msdnet-serve: the HTTP service around an MSDNet checkpoint (see server.app)."""

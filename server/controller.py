@@ -1,0 +1,129 @@
+"""Online budget controller: holds the mean FLOPs per /classify request at a target.
+
+Plain Python (no torch, no HTTP). FLOPs are multiply-accumulates of convs and
+linears, as the MSDNet paper counts them; a request's cost is the cumulative
+cost of the exit it left at.
+
+How it steers. The calibration curve maps a per-request budget b to exit
+thresholds whose mean cost on the validation split is b (paper §5.2, geometric
+prior). Live traffic differs from the validation split, so the controller
+commands
+
+    b = target - bias - deficit / horizon
+
+where ``deficit`` is the running sum of (cost - target) over requests, i.e. how
+far spending is ahead of budget, and ``bias`` is an exponentially weighted mean
+of (cost - commanded b), the curve's error on the current traffic mix. The
+deficit term pays back any overspend within about ``horizon`` requests, so the
+sum of costs over any long window stays within a bounded distance of
+target x count (a window's mean error is the change of deficit over the window
+divided by its length). The bias term adapts to a change in traffic mix within a
+few hundred requests.
+
+Fleet: if every replica holds its own mean at the target, the fleet's mean,
+a request-weighted average of the replicas' means, is at the target too.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Thresholds (one per exit, the last 0.0) and their mean FLOPs per image on
+    the validation split."""
+
+    mean_flops: float
+    thresholds: tuple[float, ...]
+
+
+def curve_with_ends(curve: list[OperatingPoint], exit_flops: list[float]) -> list[OperatingPoint]:
+    """The curve plus its two ends: all leave at exit 1 (thresholds 0) and all
+    run to the last exit (thresholds inf), sorted by cost."""
+    k = len(exit_flops)
+    ends = [OperatingPoint(float(exit_flops[0]), (0.0,) * k),
+            OperatingPoint(float(exit_flops[-1]), (math.inf,) * (k - 1) + (0.0,))]
+    points = {p.mean_flops: p for p in [*curve, *ends]}
+    return [points[m] for m in sorted(points)]
+
+
+class BudgetController:
+    """Tunes exit thresholds so the realised mean FLOPs per request tracks ``target``.
+
+    Args:
+        exit_flops: cumulative FLOPs of each exit (K values, increasing).
+        curve: calibration operating points (validation split).
+        target: mean FLOPs per request to hold.
+        horizon: requests over which an overspend is paid back.
+        bias_halflife: requests for the bias estimate to forget half its past.
+        window: requests in the reported realised mean.
+
+    Raises:
+        ValueError: from :meth:`set_target` when the target is outside
+            [cost of exit 1, cost of the last exit].
+    """
+
+    def __init__(self, exit_flops: list[float], curve: list[OperatingPoint], target: float,
+                 horizon: float = 40.0, bias_halflife: float = 100.0, window: int = 1000):
+        self.exit_flops = [float(f) for f in exit_flops]
+        self.curve = curve_with_ends(curve, self.exit_flops)
+        self._costs = [p.mean_flops for p in self.curve]
+        self.horizon = horizon
+        self.bias_decay = 0.5 ** (1.0 / bias_halflife)
+        self.window: deque[float] = deque(maxlen=window)
+        self._window_sum = 0.0
+        self.deficit = 0.0
+        self.bias = 0.0
+        self.requests = 0
+        self.fleet_deficit: float | None = None  # set by fleet mode (issue 6)
+        self.set_target(target)
+
+    def set_target(self, target: float) -> None:
+        """Change the target mean FLOPs per request (takes effect at once; the
+        deficit restarts at 0 so past spending is judged against the old target)."""
+        lo, hi = self.exit_flops[0], self.exit_flops[-1]
+        if not (math.isfinite(target) and lo <= target <= hi):
+            raise ValueError(f"target must lie between exit 1's cost ({lo:.0f} FLOPs) and the last exit's "
+                             f"({hi:.0f} FLOPs) per request, got {target}")
+        self.target = float(target)
+        self.deficit = 0.0
+        self._update_command()
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """Current thresholds, one per exit (the last is 0.0)."""
+        return self._point.thresholds
+
+    @property
+    def realised_mean(self) -> float | None:
+        """Mean FLOPs per request over the last ``window`` requests (None before any)."""
+        return self._window_sum / len(self.window) if self.window else None
+
+    def observe(self, flops: float, commanded: float | None = None) -> None:
+        """Account one finished /classify request that spent ``flops``;
+        ``commanded`` is the budget in force when it ran (default: the current one)."""
+        if len(self.window) == self.window.maxlen:
+            self._window_sum -= self.window[0]
+        self.window.append(flops)
+        self._window_sum += flops
+        self.requests += 1
+        self.deficit += flops - self.target
+        # Bound the deficit so a long stretch the thresholds cannot follow
+        # (e.g. every image needing the last exit) does not wind up.
+        limit = 4 * self.horizon * self.exit_flops[-1]
+        self.deficit = max(-limit, min(limit, self.deficit))
+        b = self.command if commanded is None else commanded
+        self.bias = self.bias_decay * self.bias + (1 - self.bias_decay) * (flops - b)
+        self._update_command()
+
+    def _update_command(self) -> None:
+        deficit = self.deficit if self.fleet_deficit is None else self.fleet_deficit
+        b = self.target - self.bias - deficit / self.horizon
+        self.command = min(max(b, self._costs[0]), self._costs[-1])
+        # The most expensive point that does not exceed the command.
+        i = bisect.bisect_right(self._costs, self.command) - 1
+        self._point = self.curve[max(i, 0)]

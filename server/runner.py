@@ -1,0 +1,223 @@
+"""Model runner: owns the model and its one thread; executes the scheduler's steps.
+
+The event loop only submits images and awaits futures; every tensor operation
+happens on the runner's thread, with ``torch.set_num_threads(torch_threads)``.
+Features of images that go on to the next block stay as rows of their step's
+batch state and are gathered when that block runs, so exit k+1 resumes from
+exit k's features (real early exit, lazy evaluation; ``model.network``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.checkpoint import Checkpoint
+from model.network import MSDState
+
+from .scheduler import BlockScheduler, LatencyModel, Outcome, Task
+
+log = logging.getLogger("msdnet.runner")
+
+
+@dataclass
+class ImageData:
+    """Per-image data the runner keeps on a :class:`Task`."""
+
+    image: np.ndarray | None  # (C, H, W) float32 until block 1 runs
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    on_done: Callable[[Task, Outcome], None] | None = None
+    batch_state: MSDState | None = None  # the step's batch state holding this image's features
+    row: int = 0
+    probs: np.ndarray | None = None  # (num_classes,) at the newest exit
+
+
+@dataclass
+class Finished:
+    """An image's answer: exit (0 = nothing computed), probabilities there, FLOPs."""
+
+    outcome: Outcome
+    exit: int
+    probs: np.ndarray | None
+    flops: int
+    confidence: float | None
+
+
+class Runner:
+    """Runs block steps on a dedicated thread.
+
+    Args:
+        checkpoint: the loaded model and metadata.
+        max_batch_size, max_queue_delay_s, max_queue_size: scheduler settings.
+        torch_threads: intra-op threads of the model thread.
+        on_step: called after each step with (block 0-based, batch size, seconds, queue depths).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, *, max_batch_size: int, max_queue_delay_s: float,
+                 max_queue_size: int, torch_threads: int,
+                 on_step: Callable[[int, int, float, list[int]], None] | None = None):
+        self.model = checkpoint.model.eval()
+        cal = checkpoint.calibration or {}
+        self.temperatures = list(cal.get("temperatures", [1.0] * self.model.num_exits))
+        self.exit_flops = checkpoint.exit_flops(lazy=True)
+        self.num_exits = self.model.num_exits
+        self.torch_threads = torch_threads
+        self.scheduler = BlockScheduler(self.num_exits, max_batch_size, max_queue_delay_s, max_queue_size,
+                                        LatencyModel(self.num_exits))
+        self.on_step = on_step
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.ready = False
+
+    # ---- event-loop side -------------------------------------------------
+    def submit(self, images: list[np.ndarray], policies: list, deadlines: list[float | None],
+               arrival: float, on_done: Callable[[Task, Outcome], None] | None = None) -> list[asyncio.Future]:
+        """Queue images; returns one future per image resolving to :class:`Finished`.
+
+        Raises:
+            scheduler.QueueFull: when the queue cannot take them all.
+        """
+        loop = asyncio.get_running_loop()
+        tasks, futures = [], []
+        for image, policy, deadline in zip(images, policies, deadlines):
+            fut = loop.create_future()
+            tasks.append(Task(arrival=arrival, policy=policy, deadline=deadline,
+                              state=ImageData(image, fut, loop, on_done)))
+            futures.append(fut)
+        with self._cv:
+            self.scheduler.submit(tasks)
+            self._cv.notify()
+        return futures
+
+    def depths(self) -> list[int]:
+        with self._cv:
+            return [self.scheduler.depth(b) for b in range(self.num_exits)]
+
+    # ---- lifecycle -------------------------------------------------------
+    def start(self, warmup_rounds: int = 5) -> None:
+        """Start the model thread; it warms up (seeding the latency model) first."""
+        self._thread = threading.Thread(target=self._main, args=(warmup_rounds,), name="msdnet-model", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread after the current step; queued images get an error."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for task in self.scheduler.drain():
+            self._resolve_exception(task, RuntimeError("server shutting down"))
+
+    def _main(self, warmup_rounds: int) -> None:
+        torch.set_num_threads(self.torch_threads)
+        try:
+            self._warmup(warmup_rounds)
+        except Exception:
+            log.exception("warm-up failed")
+            return
+        self.ready = True
+        with torch.inference_mode():
+            self._loop()
+
+    @torch.inference_mode()
+    def _warmup(self, rounds: int) -> None:
+        """Run every block at batch 1 and at max batch size to seed the latency model."""
+        spec = self.model.cfg
+        for n in (1, self.scheduler.max_batch_size):
+            x = torch.zeros(n, spec.in_channels, spec.image_size, spec.image_size)
+            for r in range(rounds + 1):
+                state = self.model.start(x)
+                for k in range(self.num_exits):
+                    t0 = time.perf_counter()
+                    _, state = self.model.advance(state)
+                    if r > 0:  # the first round pays one-off costs
+                        self.scheduler.latency.observe(k, n, time.perf_counter() - t0)
+
+    # ---- model thread ----------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                if self._stop:
+                    return
+                step = self.scheduler.next_step(time.monotonic())
+                if step is None or isinstance(step, float):
+                    self._cv.wait(timeout=step)
+                    continue
+            block, batch, finished = step
+            for task, outcome in finished:
+                self._finish(task, outcome)
+            if batch:
+                try:
+                    self._run(block, batch)
+                except Exception as exc:  # a failed step fails its images, not the thread
+                    log.exception("block %d step failed", block + 1)
+                    with self._cv:
+                        self.scheduler.in_flight -= len(batch)
+                    for task in batch:
+                        self._resolve_exception(task, exc)
+
+    def _gather(self, block: int, batch: list[Task]) -> MSDState:
+        if block == 0:
+            x = torch.from_numpy(np.stack([t.state.image for t in batch]))
+            for t in batch:
+                t.state.image = None
+            return self.model.start(x, lazy=True)
+        groups: dict[int, list[Task]] = {}
+        for t in batch:
+            groups.setdefault(id(t.state.batch_state), []).append(t)
+        batch[:] = [t for g in groups.values() for t in g]  # laid out as the joined state
+        parts = []
+        for g in groups.values():
+            st, rows = g[0].state.batch_state, [t.state.row for t in g]
+            parts.append(st if rows == list(range(st.batch_size)) else st.select(rows))
+        return parts[0] if len(parts) == 1 else MSDState.cat(parts)
+
+    def _run(self, block: int, batch: list[Task]) -> None:
+        t0 = time.perf_counter()
+        state = self._gather(block, batch)
+        logits, new_state = self.model.advance(state)
+        probs = torch.softmax(logits.double() / self.temperatures[block], dim=1).numpy()
+        seconds = time.perf_counter() - t0
+        conf = probs.max(axis=1).tolist()
+        for i, t in enumerate(batch):
+            t.state.batch_state, t.state.row, t.state.probs = new_state, i, probs[i]
+        with self._cv:
+            finished = self.scheduler.complete(block, batch, conf, seconds)
+            depths = [self.scheduler.depth(b) for b in range(self.num_exits)]
+        if self.on_step is not None:
+            self.on_step(block, len(batch), seconds, depths)
+        for task, outcome in finished:
+            self._finish(task, outcome)
+
+    def _finish(self, task: Task, outcome: Outcome) -> None:
+        data: ImageData = task.state
+        k = task.exits_done
+        result = Finished(outcome, k, data.probs, self.exit_flops[k - 1] if k else 0, task.confidence)
+        data.batch_state = None  # free the features
+        if data.on_done is not None:
+            data.on_done(task, outcome)
+        data.loop.call_soon_threadsafe(_set_result, data.future, result)
+
+    def _resolve_exception(self, task: Task, exc: BaseException) -> None:
+        data: ImageData = task.state
+        data.loop.call_soon_threadsafe(_set_exception, data.future, exc)
+
+
+def _set_result(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,271 @@
+"""Block-level scheduler: which images run which block next, and when they leave.
+
+Plain Python: no torch, no HTTP, no threads; the caller passes the clock. The
+runner (``server.runner``) asks :meth:`BlockScheduler.next_step` for a batch,
+runs that block on it, and reports each image's confidence to
+:meth:`BlockScheduler.complete`, which sends it out or on to the next block.
+
+Requests from all clients share one queue per block. Block 1's queue waits up to
+``max_queue_delay_s`` to fill a batch; deeper queues run at once. Between two
+steps of deeper blocks a ready block-1 queue always gets a turn, so new arrivals
+never wait behind a running batch's deeper blocks for more than one step.
+
+Times are seconds on a monotonic clock; FLOPs are multiply-accumulates of convs
+and linears (MSDNet paper convention), cumulative per exit.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class QueueFull(Exception):
+    """The scheduler holds ``max_queue_size`` images; retry later."""
+
+    def __init__(self, retry_after_s: float):
+        super().__init__(f"queue full; retry after {retry_after_s:.1f} s")
+        self.retry_after_s = retry_after_s
+
+
+class Outcome(enum.Enum):
+    """Why an image left the network."""
+
+    CONFIDENT = "confident"   # confidence reached the exit's threshold
+    LAST_EXIT = "last_exit"   # ran every block
+    DEADLINE = "deadline"     # the next block would overrun its deadline
+    BUDGET = "budget"         # its batch's FLOPs budget cannot pay for the next block
+    EXPIRED = "expired"       # deadline passed before exit 1 could run: nothing computed
+
+
+class ExitPolicy(Protocol):
+    """Decides, after exit k (1-based), whether an image leaves."""
+
+    def leaves(self, task: Task, confidence: float) -> bool: ...
+
+    def may_continue(self, task: Task) -> bool:
+        """Whether the image may start its next block; a True answer reserves
+        the block's FLOPs (the step is then run)."""
+        ...
+
+
+@dataclass(eq=False)
+class Task:
+    """One image in flight.
+
+    Attributes:
+        arrival: when the request arrived (s, monotonic).
+        deadline: absolute deadline (s, monotonic) or None.
+        policy: its exit policy (the controller's thresholds, or a batch budget).
+        exits_done: exits evaluated so far (0..K).
+        confidence: confidence at the newest exit.
+        state: the runner's opaque per-image data (features, logits).
+    """
+
+    arrival: float
+    policy: ExitPolicy
+    deadline: float | None = None
+    exits_done: int = 0
+    confidence: float | None = None
+    state: Any = None
+    id: int = field(default_factory=itertools.count().__next__)
+
+
+class LatencyModel:
+    """Per-block step time as ``a_k + b_k * batch`` seconds, fitted online by
+    exponentially weighted least squares, with a safety factor.
+
+    Args:
+        num_blocks: K.
+        decay: weight kept by past observations at each new one.
+        safety: the estimate is multiplied by this.
+    """
+
+    def __init__(self, num_blocks: int, decay: float = 0.98, safety: float = 1.25):
+        self.decay, self.safety = decay, safety
+        # Sufficient statistics per block: sum w, w*n, w*n^2, w*t, w*n*t.
+        self._s = [[0.0] * 5 for _ in range(num_blocks)]
+
+    def observe(self, block: int, batch: int, seconds: float) -> None:
+        s = self._s[block]
+        for i, v in enumerate((1.0, batch, batch * batch, seconds, batch * seconds)):
+            s[i] = self.decay * s[i] + v
+
+    def estimate(self, block: int, batch: int) -> float:
+        """Expected seconds for one step of ``block`` (0-based) on ``batch`` images."""
+        w, sn, snn, st, snt = self._s[block]
+        if w == 0:
+            return 0.0
+        var = snn / w - (sn / w) ** 2
+        if var <= 1e-9 * max(1.0, snn / w):  # one batch size seen so far: scale per image
+            per_image = st / sn if sn else 0.0
+            return self.safety * per_image * batch
+        slope = (snt / w - (sn / w) * (st / w)) / var
+        intercept = st / w - slope * sn / w
+        return self.safety * max(intercept + slope * batch, 0.0)
+
+
+class BlockScheduler:
+    """One queue per block; see the module docstring.
+
+    Args:
+        num_blocks: K (blocks = exits).
+        max_batch_size: images per block step.
+        max_queue_delay_s: longest time block 1 waits to fill a batch.
+        max_queue_size: images held at once (all queues and the running step);
+            more are refused with :class:`QueueFull`.
+        latency: the step-time model used for deadlines.
+    """
+
+    def __init__(self, num_blocks: int, max_batch_size: int, max_queue_delay_s: float, max_queue_size: int,
+                 latency: LatencyModel | None = None):
+        self.num_blocks = num_blocks
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.latency = latency or LatencyModel(num_blocks)
+        self.queues: list[deque[Task]] = [deque() for _ in range(num_blocks)]
+        self.in_flight = 0  # images in the scheduler, queued or running
+        self._last_block = -1
+
+    def depth(self, block: int) -> int:
+        """Images waiting at ``block`` (0-based)."""
+        return len(self.queues[block])
+
+    def submit(self, tasks: list[Task]) -> None:
+        """Queue new images at block 1, all or none.
+
+        Raises:
+            QueueFull: when they do not fit; ``retry_after_s`` estimates the drain time.
+        """
+        if self.in_flight + len(tasks) > self.max_queue_size:
+            per_image = sum(self.latency.estimate(b, self.max_batch_size) for b in range(self.num_blocks))
+            retry = max(1.0, per_image * self.in_flight / max(self.max_batch_size, 1))
+            raise QueueFull(retry)
+        self.queues[0].extend(tasks)
+        self.in_flight += len(tasks)
+
+    def _ready(self, block: int, now: float) -> bool:
+        q = self.queues[block]
+        if not q:
+            return False
+        if block > 0 or len(q) >= self.max_batch_size:
+            return True
+        return now - q[0].arrival >= self.max_queue_delay_s
+
+    def next_step(self, now: float) -> tuple[int, list[Task], list[tuple[Task, Outcome]]] | float | None:
+        """Choose the next step.
+
+        Returns ``(block, batch, finished)``: run ``block`` (0-based) on ``batch``;
+        ``finished`` are images that leave now without running it, because the
+        step would overrun their deadline (``DEADLINE``, or ``EXPIRED`` before exit
+        1) or their budget cannot pay for it (``BUDGET``). Or a float: seconds
+        to wait before asking again; or None when every queue is empty.
+        """
+        ready = [b for b in range(self.num_blocks) if self._ready(b, now)]
+        if not ready:
+            if not self.queues[0]:
+                return None
+            return max(0.0, self.queues[0][0].arrival + self.max_queue_delay_s - now)
+        if 0 in ready and self._last_block != 0:
+            block = 0
+        else:
+            block = min(ready, key=lambda b: self.queues[b][0].arrival)
+        self._last_block = block
+        q = self.queues[block]
+        batch = [q.popleft() for _ in range(min(self.max_batch_size, len(q)))]
+        finished = []
+        estimate = self.latency.estimate(block, len(batch))
+        kept = []
+        for task in batch:
+            if task.deadline is not None and now + estimate > task.deadline:
+                finished.append((task, Outcome.EXPIRED if task.exits_done == 0 else Outcome.DEADLINE))
+            elif task.exits_done > 0 and not task.policy.may_continue(task):
+                finished.append((task, Outcome.BUDGET))
+            else:
+                kept.append(task)
+        self.in_flight -= len(finished)
+        return block, kept, finished
+
+    def complete(self, block: int, batch: list[Task], confidences: list[float],
+                 seconds: float) -> list[tuple[Task, Outcome]]:
+        """Record a finished step of ``block`` on ``batch`` that took ``seconds``,
+        with each image's confidence at exit block+1. Images that leave are
+        returned with their outcome; the rest are queued at the next block.
+        """
+        if batch:
+            self.latency.observe(block, len(batch), seconds)
+        finished = []
+        for task, conf in zip(batch, confidences):
+            task.exits_done = block + 1
+            task.confidence = conf
+            if task.exits_done == self.num_blocks:
+                finished.append((task, Outcome.LAST_EXIT))
+            elif task.policy.leaves(task, conf):
+                finished.append((task, Outcome.CONFIDENT))
+            else:
+                self.queues[block + 1].append(task)
+        self.in_flight -= len(finished)
+        return finished
+
+    def drain(self) -> list[Task]:
+        """Remove and return every queued image (shutdown)."""
+        tasks = [t for q in self.queues for t in q]
+        for q in self.queues:
+            q.clear()
+        self.in_flight -= len(tasks)
+        return tasks
+
+
+class ThresholdPolicy:
+    """/classify: leave at the first exit whose confidence reaches the current
+    threshold, read from ``thresholds`` (a callable returning one per exit)."""
+
+    def __init__(self, thresholds):
+        self._thresholds = thresholds
+
+    def leaves(self, task: Task, confidence: float) -> bool:
+        return confidence >= self._thresholds()[task.exits_done - 1]
+
+    def may_continue(self, task: Task) -> bool:
+        return True
+
+
+class BudgetPolicy:
+    """/batch (paper §5.2, budgeted batch classification): thresholds for the
+    batch's mean budget per image, and a hard cap. Exit 1 is reserved for every
+    image up front; an image starts a further block only if the budget left pays
+    for it, and the block's FLOPs are then reserved. So the FLOPs used never
+    exceed the budget.
+
+    Args:
+        budget: FLOPs for the whole batch.
+        n_images: images in the batch.
+        thresholds: one per exit (the last 0.0).
+        exit_flops: cumulative FLOPs per exit.
+
+    Raises:
+        ValueError: when the budget cannot pay exit 1 for every image.
+    """
+
+    def __init__(self, budget: float, n_images: int, thresholds: tuple[float, ...], exit_flops: list[float]):
+        if budget < n_images * exit_flops[0]:
+            raise ValueError(f"budget {budget:.0f} FLOPs is below {n_images} x exit 1's cost")
+        self.budget = budget
+        self.thresholds = thresholds
+        self.exit_flops = exit_flops
+        self.committed = n_images * exit_flops[0]
+
+    def leaves(self, task: Task, confidence: float) -> bool:
+        return confidence >= self.thresholds[task.exits_done - 1]
+
+    def may_continue(self, task: Task) -> bool:
+        k = task.exits_done
+        step = self.exit_flops[k] - self.exit_flops[k - 1]
+        if self.committed + step > self.budget:
+            return False
+        self.committed += step
+        return True

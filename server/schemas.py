@@ -1,0 +1,85 @@
+"""Request and response bodies (pydantic), with the examples shown in /docs.
+
+FLOPs are multiply-accumulates of convs and linears (MSDNet paper convention);
+``flops`` of a result is the cumulative cost of the exit it took, at batch size 1,
+with lazy evaluation.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+EXAMPLE_IMAGE = "iVBORw0KGgo... (base64 of a PNG)"
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"image": EXAMPLE_IMAGE, "deadline_ms": 50}]})
+    image: str = Field(description="The image file (PNG, JPEG, ...), base64-encoded.")
+    deadline_ms: PositiveInt | None = Field(None, description="Answer within this many milliseconds "
+                                                              "with the deepest exit that fits.")
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"images": [EXAMPLE_IMAGE, EXAMPLE_IMAGE], "flops_budget": 2.0e7}]})
+    images: list[str] = Field(min_length=1, description="Image files, base64-encoded.")
+    flops_budget: PositiveFloat | None = Field(None, description="Total FLOPs for the whole batch; default: "
+                                                                 "N x the controller's current target.")
+
+
+class TopK(BaseModel):
+    class_id: int
+    label: str
+    probability: float
+
+
+class ClassifyResult(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "class_id": 9, "label": "Ankle boot", "confidence": 0.998,
+        "top_k": [{"class_id": 9, "label": "Ankle boot", "probability": 0.998}],
+        "exit": 1, "num_exits": 4, "flops": 4801536, "deadline_met": None, "latency_ms": 3.1}]})
+    class_id: int
+    label: str
+    confidence: float = Field(description="Temperature-scaled max softmax probability at the exit taken.")
+    top_k: list[TopK]
+    exit: int = Field(description="1-based exit the image left at.")
+    num_exits: int
+    flops: int = Field(description="FLOPs spent on this image (multiply-accumulates, cumulative to its exit).")
+    deadline_met: bool | None = Field(description="null without a deadline.")
+    latency_ms: float
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class BatchResult(BaseModel):
+    results: list[ClassifyResult | ErrorBody] = Field(description="One per input image, in input order; "
+                                                                  "a bad image gets an error entry.")
+    flops_used: int
+    flops_budget: float
+    exit_counts: dict[str, int] = Field(description="Images per exit, keys '1'..'K'.")
+
+
+class BudgetState(BaseModel):
+    target_flops: float = Field(description="Target mean FLOPs per /classify request.")
+    realised_flops: float | None = Field(description="Mean FLOPs per request over the last window.")
+    window: int = Field(description="Requests in that window.")
+    thresholds: list[float | None] = Field(description="Per-exit confidence thresholds (null: nobody leaves).")
+    command_flops: float = Field(description="The per-request budget the controller commands now.")
+    requests: int
+    controller: bool
+    mode: str = Field(description="'local' or 'fleet'.")
+    fleet_realised_flops: float | None = None
+
+
+class BudgetUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"target_flops": 8.0e6}]})
+    target_flops: PositiveFloat

@@ -1,0 +1,61 @@
+"""Server settings, from environment variables (prefix ``MSDNET_``) and CLI flags.
+
+Each name says its unit: ``_ms`` milliseconds, ``_s`` seconds, ``_bytes``,
+``_flops`` (multiply-accumulates of convs and linears, MSDNet paper convention).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.checkpoint import DEFAULT_CHECKPOINT
+
+
+class Settings(BaseSettings):
+    """All settings; ``MSDNET_<NAME>`` in the environment sets ``<name>``.
+
+    Raises:
+        pydantic.ValidationError: naming the setting that is out of range.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MSDNET_", extra="ignore")
+
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="Checkpoint to serve (default: the shipped model).")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, description="uvicorn workers; only 1: one process owns the model thread. "
+                                        "Scale with replicas.")
+    torch_threads: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)), ge=1,
+                               description="torch intra-op threads of the model thread.")
+    max_batch_size: int = Field(64, ge=1, le=1024, description="Images per block step.")
+    max_queue_delay_ms: float = Field(2.0, ge=0, description="Longest wait of block 1 to fill a batch.")
+    max_queue_size: int = Field(1024, ge=1, description="Images held at once; more get 503.")
+    max_batch_images: int = Field(256, ge=1, description="Images per /batch request.")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Request body limit; more get 413.")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Width x height limit per image; more get 413.")
+    top_k: int = Field(5, ge=1)
+    target_flops: float | None = Field(None, gt=0, description="Target mean FLOPs per /classify request; "
+                                                               "default: the checkpoint's calibrated one.")
+    controller: bool = Field(True, description="Tune thresholds online; off: the checkpoint's thresholds.")
+    controller_horizon: float = Field(20.0, gt=0, description="Requests over which an overspend is paid back.")
+    controller_bias_halflife: float = Field(50.0, gt=0, description="Requests to forget half the bias estimate.")
+    budget_token: SecretStr | None = Field(None, description="Bearer token for PUT /budget; unset: refused.")
+    drain_timeout_s: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
+    warmup_rounds: int = Field(5, ge=1, description="Warm-up steps per block and batch size at start.")
+    log_level: str = "info"
+    access_log: bool = True
+    redis_url: str | None = Field(None, description="Redis for fleet mode; unset: local mode.")
+    fleet_publish_interval_s: float = Field(0.5, gt=0)
+    fleet_stale_after_s: float = Field(10.0, gt=0)
+
+    @field_validator("workers")
+    @classmethod
+    def _one_worker(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("workers must be 1: each process runs one model thread and its own controller; "
+                             "run more replicas (containers or pods) to scale out")
+        return v

@@ -3,6 +3,7 @@ Grafana dashboard's PromQL queries (with Grafana's variables filled in)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -37,12 +38,13 @@ SERVER_METRICS = frozenset({
 })
 KNOWN_METRICS = SERVER_METRICS | {"up"}
 
-# Settings the server reads (server.settings, prefix MSDNET_).
-SETTINGS = frozenset({
-    "MSDNET_CHECKPOINT", "MSDNET_HOST", "MSDNET_PORT", "MSDNET_TORCH_THREADS", "MSDNET_MAX_BATCH_SIZE",
-    "MSDNET_MAX_QUEUE_DELAY_MS", "MSDNET_MAX_QUEUE_SIZE", "MSDNET_TARGET_FLOPS", "MSDNET_BUDGET_TOKEN",
-    "MSDNET_DRAIN_TIMEOUT_S", "MSDNET_REDIS_URL", "MSDNET_LOG_LEVEL",
-})
+
+@functools.cache
+def settings() -> frozenset[str]:
+    """Environment variables the server reads: MSDNET_ + each field of server.settings.Settings."""
+    from server.settings import Settings
+
+    return frozenset(f"MSDNET_{name.upper()}" for name in Settings.model_fields)
 
 
 def tool(name: str, hint: str) -> str:

@@ -1,0 +1,42 @@
+# msdnet-serve. FLOPs everywhere = multiply-accumulates of convs and linears (MSDNet paper).
+PYTHON ?= python3
+CKPT ?= model/weights/fashion-mnist.pt
+PORT ?= 8000
+
+.PHONY: install install-system serve test test-all lint train calibrate evaluate e2e-full bench bench-smoke loadtest
+
+install-system:  ## Debian packages: the data set, and Prometheus and Redis for the integration tests
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist prometheus redis-server
+
+install:  ## Python packages (torch pinned to the CPU build)
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e ".[test]"
+
+serve: install  ## set up and start the server on 127.0.0.1:$(PORT) with the shipped model
+	msdnet serve --port $(PORT)
+
+test:  ## the test suite (tiny configs, real processes; a few minutes)
+	$(PYTHON) -m pytest -q
+
+lint:
+	ruff check .
+
+train:  ## retrain the shipped model (about 50 minutes on 2 CPU cores)
+	msdnet train --preset fashion-mnist --data fashion-mnist --epochs 15 --batch-size 128 \
+		--gradient-equilibrium --distill 0.5 --threads 2 --out $(CKPT)
+	msdnet calibrate --checkpoint $(CKPT)
+
+calibrate:
+	msdnet calibrate --checkpoint $(CKPT)
+
+evaluate:  ## model card figures: anytime table and budgeted curve on the test split
+	msdnet evaluate --checkpoint $(CKPT) --json docs/evaluation.json --plot docs/evaluation.png
+
+e2e-full:  ## all 10,000 Fashion-MNIST test images over HTTP against a real server
+	MSDNET_E2E_IMAGES=10000 $(PYTHON) -m pytest -q tests/test_e2e.py -s
+
+bench:  ## docs/BENCHMARKS.md and plots (tens of minutes)
+	$(PYTHON) -m loadtest.bench --out docs
+
+bench-smoke:
+	$(PYTHON) -m loadtest.bench --out /tmp/msdnet-bench-smoke --smoke

@@ -36,12 +36,12 @@ RUN groupadd --system --gid 10001 msdnet \
 COPY --from=builder /opt/venv /opt/venv
 
 # MPLCONFIGDIR: matplotlib (a dependency) wants a writable config dir; the user has no home.
+# MSDNET_*: the server's defaults, listed so `docker inspect` shows the knobs; override
+# with -e. Host and port are fixed by CMD: EXPOSE and the HEALTHCHECK assume 8000.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MPLCONFIGDIR=/tmp/matplotlib \
-    MSDNET_HOST=0.0.0.0 \
-    MSDNET_PORT=8000 \
     MSDNET_LOG_LEVEL=info \
     MSDNET_DRAIN_TIMEOUT_S=10
 

@@ -1,6 +1,20 @@
-"""MSDNet: multi-scale dense network with real early exit (Huang et al., ICLR 2018)."""
+"""MSDNet: multi-scale dense network with real early exit (Huang et al., ICLR 2018).
 
-from .config import PRESETS, MSDNetConfig, preset
-from .network import MSDNet, MSDState
+Submodules: ``config`` (hyper-parameters, presets), ``network`` (the modules and
+the staged forward), ``costs`` (per-exit FLOPs), ``data``, ``train``,
+``calibration`` (temperatures and thresholds; numpy only), ``evaluate``,
+``checkpoint``. The names below are imported on first use, so that numpy-only
+parts (``calibration``) load without torch.
+"""
 
-__all__ = ["PRESETS", "MSDNet", "MSDNetConfig", "MSDState", "preset"]
+from importlib import import_module
+
+_EXPORTS = {"MSDNetConfig": "config", "PRESETS": "config", "preset": "config", "MSDNet": "network",
+            "MSDState": "network"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -97,7 +97,7 @@ def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise TooLarge(f"image is too large to decode ({exc})", max_pixels=max_pixels) from exc
+        raise TooLarge(f"image is over the pixel limit of {max_pixels}: {exc}", max_pixels=max_pixels) from exc
     except UnidentifiedImageError as exc:
         raise BadImage("not an image, or an image format that cannot be read",
                        supported_formats=supported) from exc
@@ -108,7 +108,7 @@ def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
             raise UnsupportedMedia(f"image format {img.format} is not supported", supported_formats=supported)
         w, h = img.size
         if w * h > max_pixels:
-            raise TooLarge(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}",
+            raise TooLarge(f"image is {w}x{h} = {w * h} pixels, over the pixel limit of {max_pixels}",
                            max_pixels=max_pixels)
         if w < 1 or h < 1:
             raise BadImage(f"image has no pixels ({w}x{h})", supported_formats=supported)

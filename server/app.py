@@ -65,9 +65,9 @@ async def _json_body(request: Request, model):
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise errors.InvalidParameter(f"{where}: {first['msg']}", field=where) from None
+        problems = [(".".join(str(p) for p in e["loc"]) or "body", e["msg"]) for e in exc.errors()]
+        raise errors.InvalidParameter("; ".join(f"{where}: {msg}" for where, msg in problems),
+                                      field=problems[0][0]) from None
 
 
 def _content_type(request: Request) -> str:

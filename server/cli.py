@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from model.cli import add_commands, run
@@ -38,6 +39,8 @@ def cmd_serve(args) -> int:
         print(f"msdnet serve: error: {exc}", file=sys.stderr)
         return 2
     log_config = logs.configure(settings.log_level)
+    # uvicorn drains on SIGTERM, then re-raises the signal; after a clean drain exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=log_config,
                 timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False)
     return 0

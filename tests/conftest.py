@@ -54,3 +54,31 @@ def fashion_dir(tmp_path):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A calibrated checkpoint of an untrained tiny model (random but fixed
+    weights, non-trivial BN statistics) and the generated data it was calibrated on."""
+    from model import checkpoint as ckpt
+    from model.evaluate import calibrate
+    from model.network import MSDNet
+
+    root = tmp_path_factory.mktemp("tiny")
+    data_dir = root / "data"
+    data_dir.mkdir()
+    make_fashion_dir(data_dir)
+    torch.manual_seed(0)
+    model = MSDNet(MSDNetConfig.from_dict(TINY)).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+    from model.data import FASHION_MNIST_CLASSES, NORMALISATION
+
+    mean, std = NORMALISATION["fashion-mnist"]
+    ck = ckpt.build(model, FASHION_MNIST_CLASSES, mean, std, card={},
+                    validation={"dataset": "fashion-mnist", "seed": 0, "size": 100})
+    calibrate(ck, str(data_dir))
+    path = root / "tiny.pt"
+    ck.save(path)
+    return path

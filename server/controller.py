@@ -20,8 +20,13 @@ target x count (a window's mean error is the change of deficit over the window
 divided by its length). The bias term adapts to a change in traffic mix within a
 few hundred requests.
 
-Fleet: if every replica holds its own mean at the target, the fleet's mean,
-a request-weighted average of the replicas' means, is at the target too.
+Fleet, local mode: if every replica holds its own mean at the target, the
+fleet's mean, a request-weighted average of the replicas' means, is at the
+target too. Fleet mode (``server.fleet``, through Redis): every replica steers
+on the fleet's deficit (the sum of all replicas' deficits) and the fleet's bias
+(the request-rate-weighted mean of their biases), so all replicas command about
+the same budget and thresholds; a replica with harder images then spends more
+than the target and one with easier images less, while the fleet's mean holds.
 """
 
 from __future__ import annotations
@@ -30,6 +35,16 @@ import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FleetView:
+    """The other replicas as last read from Redis: the sum of their deficits
+    (FLOPs), the sum of bias x request rate, and the sum of request rates (1/s)."""
+
+    deficit: float
+    bias_rate: float
+    rate: float
 
 
 @dataclass(frozen=True)
@@ -79,7 +94,9 @@ class BudgetController:
         self.deficit = 0.0
         self.bias = 0.0
         self.requests = 0
-        self.fleet_deficit: float | None = None  # set by fleet mode (issue 6)
+        self.local_horizon = horizon
+        self.fleet: FleetView | None = None
+        self.own_rate = 0.0
         self.set_target(target)
 
     def set_target(self, target: float) -> None:
@@ -103,6 +120,11 @@ class BudgetController:
         """Mean FLOPs per request over the last ``window`` requests (None before any)."""
         return self._window_sum / len(self.window) if self.window else None
 
+    @property
+    def window_sum(self) -> float:
+        """Sum of FLOPs over the last ``window`` requests."""
+        return self._window_sum
+
     def observe(self, flops: float, commanded: float | None = None) -> None:
         """Account one finished /classify request that spent ``flops``;
         ``commanded`` is the budget in force when it ran (default: the current one)."""
@@ -112,17 +134,31 @@ class BudgetController:
         self._window_sum += flops
         self.requests += 1
         self.deficit += flops - self.target
-        # Bound the deficit so a long stretch the thresholds cannot follow
-        # (e.g. every image needing the last exit) does not wind up.
+        # Bound the deficit steered on (in fleet mode: the fleet's) so a long
+        # stretch the thresholds cannot follow (every image needing the last
+        # exit) does not wind up.
         limit = 4 * self.horizon * self.exit_flops[-1]
-        self.deficit = max(-limit, min(limit, self.deficit))
+        others = self.fleet.deficit if self.fleet is not None else 0.0
+        self.deficit = max(-limit - others, min(limit - others, self.deficit))
         b = self.command if commanded is None else commanded
         self.bias = self.bias_decay * self.bias + (1 - self.bias_decay) * (flops - b)
         self._update_command()
 
+    def set_fleet(self, view: FleetView | None, own_rate: float = 0.0, horizon: float | None = None) -> None:
+        """Steer on the fleet (``view`` of the other replicas, this replica's
+        request rate in 1/s, the fleet horizon in requests) or, with None, locally."""
+        self.fleet, self.own_rate = view, own_rate
+        self.horizon = horizon if (view is not None and horizon) else self.local_horizon
+        self._update_command()
+
     def _update_command(self) -> None:
-        deficit = self.deficit if self.fleet_deficit is None else self.fleet_deficit
-        b = self.target - self.bias - deficit / self.horizon
+        deficit, bias = self.deficit, self.bias
+        if self.fleet is not None:
+            deficit += self.fleet.deficit
+            total_rate = self.own_rate + self.fleet.rate
+            if total_rate > 0:
+                bias = (self.bias * self.own_rate + self.fleet.bias_rate) / total_rate
+        b = self.target - bias - deficit / self.horizon
         self.command = min(max(b, self._costs[0]), self._costs[-1])
         # The most expensive point that does not exceed the command.
         i = bisect.bisect_right(self._costs, self.command) - 1

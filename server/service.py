@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 import numpy as np
@@ -50,6 +51,7 @@ class Service:
                              max_queue_size=settings.max_queue_size, torch_threads=settings.torch_threads,
                              on_step=self._on_step)
         self._classify_policy = ThresholdPolicy(self.thresholds)
+        self._lock = threading.Lock()  # the controller is used by the model, fleet and event-loop threads
         self.fleet = None  # set by server.fleet when a Redis URL is configured
         m = self.metrics
         m.model.info({"checkpoint": str(checkpoint.path or ""), "num_exits": str(self.num_exits),
@@ -72,10 +74,31 @@ class Service:
         for k, th in enumerate(self.thresholds(), start=1):
             m.threshold.labels(exit=str(k)).set(th)
 
-    def set_target(self, target: float) -> None:
-        """Raises ValueError when outside [exit 1's cost, last exit's cost]."""
-        self.controller.set_target(target)
-        self._export_budget()
+    def set_target(self, target: float, publish: bool = True) -> None:
+        """Change the target mean FLOPs per /classify request; in fleet mode
+        also the fleet's (unless ``publish`` is False).
+
+        Raises:
+            ValueError: outside [exit 1's cost, last exit's cost].
+        """
+        with self._lock:
+            self.controller.set_target(target)
+            self._export_budget()
+        if publish and self.fleet is not None:
+            self.fleet.publish_target(target)
+
+    def set_fleet(self, view, own_rate: float, horizon: float | None = None) -> None:
+        """Steer on the fleet's figures (``view``) or, with None, locally."""
+        with self._lock:
+            self.controller.set_fleet(view, own_rate, horizon)
+            self._export_budget()
+
+    def controller_snapshot(self) -> dict:
+        """The figures a replica publishes to the fleet (FLOPs and 1/request)."""
+        with self._lock:
+            c = self.controller
+            return {"deficit": c.deficit, "bias": c.bias, "window_sum": c.window_sum, "window_n": len(c.window),
+                    "target": c.target}
 
     def budget_state(self) -> dict:
         c = self.controller
@@ -100,8 +123,9 @@ class Service:
         self.metrics.request_flops.observe(flops)
         if self.fleet is not None:
             self.fleet.record(flops)
-        self.controller.observe(flops)
-        self._export_budget()
+        with self._lock:
+            self.controller.observe(flops)
+            self._export_budget()
 
     def _on_batch_done(self, task: Task, outcome: Outcome) -> None:
         self.metrics.exits.labels(exit=str(task.exits_done)).inc()

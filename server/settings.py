@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     access_log: bool = True
     redis_url: str | None = Field(None, description="Redis for fleet mode; unset: local mode.")
     fleet_publish_interval_s: float = Field(0.5, gt=0)
-    fleet_stale_after_s: float = Field(10.0, gt=0)
+    fleet_stale_after_s: float = Field(10.0, gt=0, description="A replica silent this long leaves the fleet.")
+    fleet_horizon: float = Field(200.0, gt=0, description="Requests over which the fleet's overspend is paid "
+                                                          "back (longer than local: fleet figures arrive late).")
 
     @field_validator("workers")
     @classmethod

@@ -90,3 +90,40 @@ def test_extreme_targets_use_the_curve_ends(curve):
     assert lo.thresholds == (0.0, 0.0, 0.0, 0.0)  # everyone leaves at exit 1
     hi = BudgetController(FLOPS, curve, FLOPS[-1])
     assert hi.thresholds[:3] == (math.inf,) * 3 and hi.thresholds[3] == 0.0
+
+
+def test_fleet_mode_spends_where_images_are_harder(curve):
+    """Three controllers exchange their figures every 30 requests each (as through
+    Redis, with that delay); replica 0 sees hard images, 1 easy, 2 a mix."""
+    from server.controller import FleetView
+
+    rng = np.random.default_rng(3)
+    target, n = 10e6, 8000
+    mixes = [world(rng, n, 0.9), world(rng, n, 0.1), world(rng, n, 0.5)]
+
+    def run(fleet: bool):
+        ctls = [BudgetController(FLOPS, curve, target, horizon=20, bias_halflife=50) for _ in range(3)]
+        published = [(0.0, 0.0)] * 3
+        costs = np.zeros((3, n))
+        for i in range(n):
+            if fleet and i % 30 == 0:
+                published = [(c.deficit, c.bias) for c in ctls]
+                for r, c in enumerate(ctls):
+                    others = [published[o] for o in range(3) if o != r]
+                    c.set_fleet(FleetView(sum(d for d, _ in others), sum(b for _, b in others), 2.0), 1.0,
+                                horizon=200)
+            for r, c in enumerate(ctls):
+                th = c.thresholds
+                k = next(k for k in range(4) if k == 3 or mixes[r][k, i] >= th[k])
+                costs[r, i] = FLOPS[k]
+                c.observe(FLOPS[k])
+        return costs
+
+    fleet = run(True)
+    interleaved = fleet.T.reshape(-1)  # the fleet's requests in arrival order
+    err = window_errors(interleaved[3000:], target, width=5000)
+    assert np.abs(err).max() < 0.02, np.abs(err).max()
+    means = fleet[:, 1000:].mean(axis=1) / target
+    assert means[0] > 1.1 and means[1] < 0.9, means  # hard replica above target, easy below
+    local = run(False)
+    assert np.allclose(local[:, 1000:].mean(axis=1) / target, 1.0, atol=0.02)  # local: each holds it alone

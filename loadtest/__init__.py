@@ -1,0 +1,12 @@
+"""Load tests and benchmarks for msdnet-serve.
+
+- :mod:`loadtest.openloop`: open-loop driver (fixed arrival rate, latency from
+  each request's *scheduled* send time, so no coordinated omission).
+- :mod:`loadtest.locustfile`: Locust scenarios (mixed /classify, deadlines, /batch).
+- :mod:`loadtest.naive_server`: the baseline, whole network per request, no batching.
+- :mod:`loadtest.bench`: ``python -m loadtest.bench --out docs`` writes docs/BENCHMARKS.md.
+
+Every load generator here refuses non-loopback targets and is bounded in request
+count and time. FLOPs are multiply-accumulates of convs and linears as the MSDNet
+paper counts them, cumulative per exit.
+"""

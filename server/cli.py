@@ -46,6 +46,30 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_batch_eval(args) -> int:
+    import json
+
+    from model.checkpoint import load
+    from model.evaluate import collect_logits, test_set
+
+    from .batch_eval import compare
+
+    ck = load(args.checkpoint) if args.checkpoint else load()
+    test = test_set(ck, args.data_dir)
+    logits = collect_logits(ck.model, test, ck.transforms["mean"], ck.transforms["std"])
+    rows = compare(ck, logits, test.labels.numpy(), args.batch_size)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    print(f"/batch (budgeted, batches of {args.batch_size}) against fixed thresholds at equal mean FLOPs, test split;")
+    print("MFLOPs = multiply-accumulates of convs and linears per image, lazy evaluation")
+    print(f"{'budget/img':>10} {'MFLOPs':>8} {'/batch %':>9} {'fixed %':>8} {'diff pts':>9}")
+    for r in rows:
+        print(f"{r['budget_per_image'] / 1e6:>10.2f} {r['mean_flops'] / 1e6:>8.2f} {100 * r['top1']:>9.2f} "
+              f"{100 * r['fixed_top1_at_same_flops']:>8.2f} {100 * (r['top1'] - r['fixed_top1_at_same_flops']):>+9.2f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="msdnet", description="MSDNet: train, calibrate, evaluate and serve "
                                      "an early-exit image classifier.")
@@ -63,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-controller", action="store_true", help="keep the checkpoint's thresholds fixed")
     p.add_argument("--log-level")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("batch-eval", help="/batch's budgeted policy against fixed thresholds on the test split")
+    p.add_argument("--checkpoint")
+    p.add_argument("--data-dir")
+    p.add_argument("--batch-size", type=int, default=100, help="images per /batch request")
+    p.add_argument("--json", metavar="OUT")
+    p.set_defaults(func=cmd_batch_eval)
     return run(parser, argv)
 
 

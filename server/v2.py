@@ -419,7 +419,7 @@ async def infer(request: Request, name: str) -> Response:
     probs = np.stack([f.probs for f in done])  # (N, K) float64
     top = [int(np.argsort(-p)[0]) for p in probs]  # the same pick as /classify's top_k[0]
     values = {"probabilities": probs, "label": [service.classes[i].encode() for i in top], "class_id": top,
-              "exit": [max(1, f.exit - 1) for f in done], "flops": [int(f.flops) for f in done]}
+              "exit": [f.exit for f in done], "flops": [int(f.flops) for f in done]}
     response_params = {"flops_used": sum(values["flops"])}
     if budget is not None:
         response_params["flops_budget"] = budget

@@ -28,7 +28,6 @@ from starlette.datastructures import UploadFile
 from model.checkpoint import load as load_checkpoint
 
 from . import errors
-from .metrics import Metrics
 from .schemas import BatchRequest, BatchResult, BudgetState, BudgetUpdate, ClassifyRequest, ClassifyResult, ErrorBody
 from .service import Service
 from .settings import Settings

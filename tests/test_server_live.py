@@ -75,7 +75,8 @@ def test_expired_deadline_is_504_and_spends_nothing(server):
     def value(text, name):
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
-    assert value(after, 'msdnet_flops_total{endpoint="/classify"}') == value(before, 'msdnet_flops_total{endpoint="/classify"}')
+    spent = 'msdnet_flops_total{endpoint="/classify"}'
+    assert value(after, spent) == value(before, spent)
     assert value(after, "msdnet_deadline_misses_total") == value(before, "msdnet_deadline_misses_total") + 1
     ok = httpx.post(server.url + "/classify", json={"image": base64.b64encode(png(7)).decode(), "deadline_ms": 2000})
     assert ok.status_code == 200 and ok.json()["deadline_met"] is True

@@ -227,7 +227,7 @@ class BodyLimitAndContext:
         rid = headers.get("x-request-id") or uuid.uuid4().hex[:16]
         token = request_id.set(rid)
         path = scope["path"]
-        endpoint = path if path in ROUTE_LABELS else ("/v2" if path.startswith("/v2/") else "other")
+        endpoint = path if path in ROUTE_LABELS else ("/v2" if path.startswith("/v2") else "other")
         status = {"code": 500}
         service = getattr(scope.get("app").state, "service", None) if scope.get("app") else None
 
@@ -256,7 +256,7 @@ class BodyLimitAndContext:
 
             await self.app(scope, receive_limited, send_wrapped)
         except errors.TooLarge as exc:
-            await _send_error(send_wrapped, exc)
+            await _send_error(send_wrapped, exc, v2=path.startswith("/v2"))
             if service is not None:
                 service.metrics.rejected.labels(reason="too_large").inc()
         finally:
@@ -272,8 +272,9 @@ class BodyLimitAndContext:
             request_id.reset(token)
 
 
-async def _send_error(send, exc: errors.ServiceError) -> None:
-    body = json.dumps(exc.body()).encode()
+async def _send_error(send, exc: errors.ServiceError, v2: bool = False) -> None:
+    # /v2 answers in the Open Inference Protocol's error shape.
+    body = json.dumps({"error": exc.message} if v2 else exc.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close")]
     headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]

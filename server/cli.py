@@ -34,7 +34,9 @@ def cmd_serve(args) -> int:
     from model.checkpoint import load as load_checkpoint
 
     try:  # fail before binding the port, with a one-line message
-        load_checkpoint(settings.checkpoint)
+        if load_checkpoint(settings.checkpoint).calibration is None:
+            raise CheckpointError(f"{settings.checkpoint} is not calibrated: run 'msdnet calibrate --checkpoint "
+                                  f"{settings.checkpoint}' first")
     except CheckpointError as exc:
         print(f"msdnet serve: error: {exc}", file=sys.stderr)
         return 2

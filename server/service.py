@@ -151,15 +151,15 @@ class Service:
             raise errors.Overloaded(str(exc), headers={"Retry-After": str(int(np.ceil(exc.retry_after_s)))},
                                     retry_after_s=exc.retry_after_s) from exc
 
-    async def classify(self, data: bytes, deadline_ms: float | None, started: float) -> dict:
-        """Anytime inference on one image: leave at the first confident exit, or
-        the deepest one the deadline allows.
+    async def classify_array(self, image: np.ndarray, deadline_ms: float | None, started: float) -> Finished:
+        """Anytime inference on one decoded image, float32 (C, H, W) normalised as
+        :func:`server.images.decode` returns: leave at the first confident exit,
+        or the deepest one the deadline allows.
 
         Raises:
-            errors.ServiceError: bad image (400/413/415), queue full (503), or
-                deadline passed before exit 1 (504).
+            errors.Overloaded: queue full (503).
+            errors.DeadlineExceeded: deadline passed before exit 1 could run (504).
         """
-        image = self.decode(data)
         deadline = None if deadline_ms is None else started + deadline_ms / 1e3
         if deadline_ms is not None:
             self.metrics.deadline_requests.inc()
@@ -169,17 +169,54 @@ class Service:
             self.metrics.deadline_misses.inc()
             raise errors.DeadlineExceeded(f"deadline of {deadline_ms:g} ms passed before exit 1 could run; "
                                           "nothing was computed", deadline_ms=deadline_ms)
-        result = self._result(f, started, deadline_ms)
-        if result["deadline_met"] is False:
+        if deadline_ms is not None and (time.monotonic() - started) * 1e3 > deadline_ms:
             self.metrics.deadline_misses.inc()
-        return result
+        return f
+
+    async def classify(self, data: bytes, deadline_ms: float | None, started: float) -> dict:
+        """:meth:`classify_array` on encoded image bytes, answered as a dict.
+
+        Raises:
+            errors.ServiceError: bad image (400/413/415), queue full (503), or
+                deadline passed before exit 1 (504).
+        """
+        f = await self.classify_array(self.decode(data), deadline_ms, started)
+        return self._result(f, started, deadline_ms)
 
     def minimum_budget(self, n: int) -> float:
+        """FLOPs that pay exit 1 for ``n`` images."""
         return n * self.exit_flops[0]
 
+    def _check_budget(self, budget: float, n: int) -> None:
+        minimum = self.minimum_budget(n)
+        if budget < minimum:
+            raise errors.BudgetTooSmall(
+                f"flops_budget {budget:.0f} is below the minimum for {n} images: {n} x {self.exit_flops[0]} "
+                f"(exit 1's cost) = {minimum:.0f} FLOPs", minimum_flops_budget=minimum)
+
+    async def batch_arrays(self, images: list[np.ndarray], flops_budget: float, started: float) -> list[Finished]:
+        """Budgeted batch classification (paper §5.2) of decoded images, float32
+        (C, H, W) each: ``sum(flops) <= flops_budget``. The thresholds are the
+        calibration curve's for the mean budget per image; the policy caps spending.
+
+        Raises:
+            errors.BudgetTooSmall: budget below N x exit 1's cost (422).
+            errors.Overloaded: queue full (503).
+        """
+        n = len(images)
+        self._check_budget(flops_budget, n)
+        point = self.controller.curve[0]
+        for p in self.controller.curve:
+            if p.mean_flops <= flops_budget / n:
+                point = p
+        policy = BudgetPolicy(flops_budget, n, point.thresholds, self.exit_flops)
+        futures = self._submit(images, [policy] * n, [None] * n, started, self._on_batch_done)
+        return list(await asyncio.gather(*futures))
+
     async def batch(self, items: list[bytes | errors.ServiceError], flops_budget: float | None, started: float) -> dict:
-        """Budgeted batch classification (paper §5.2) under ``flops_budget`` FLOPs
-        for all images; a bad image gets its own error entry.
+        """Budgeted batch classification of encoded images under ``flops_budget``
+        FLOPs for all of them (default: N x the controller's target); a bad image
+        gets its own error entry and the others are served.
 
         Raises:
             errors.BudgetTooSmall: budget below N x exit 1's cost (422).
@@ -187,11 +224,7 @@ class Service:
         """
         n = len(items)
         budget = float(flops_budget) if flops_budget is not None else n * self.controller.target
-        minimum = self.minimum_budget(n)
-        if budget < minimum:
-            raise errors.BudgetTooSmall(
-                f"flops_budget {budget:.0f} is below the minimum for {n} images: {n} x {self.exit_flops[0]} "
-                f"(exit 1's cost) = {minimum:.0f} FLOPs", minimum_flops_budget=minimum)
+        self._check_budget(budget, n)
         results: list[dict | None] = [None] * n
         images, index = [], []
         for i, data in enumerate(items):
@@ -205,16 +238,7 @@ class Service:
         counts = {str(k): 0 for k in range(1, self.num_exits + 1)}
         used = 0
         if images:
-            # Thresholds for the mean budget per decodable image, from the calibration curve.
-            per_image = budget / len(images)
-            point = self.controller.curve[0]
-            for p in self.controller.curve:
-                if p.mean_flops <= per_image:
-                    point = p
-            policy = BudgetPolicy(budget, len(images), point.thresholds, self.exit_flops)
-            futures = self._submit(images, [policy] * len(images), [None] * len(images), started,
-                                   self._on_batch_done)
-            done = await asyncio.gather(*futures)
+            done = await self.batch_arrays(images, budget, started)
             for i, f in zip(index, done):
                 results[i] = self._result(f, started, None)
                 counts[str(f.exit)] += 1

@@ -47,6 +47,7 @@ import base64
 import binascii
 import functools
 import json
+import logging
 import struct
 import time
 
@@ -56,9 +57,9 @@ from fastapi.responses import JSONResponse, Response
 
 from . import errors
 from .app import _service
-from .runner import Finished
-from .scheduler import BudgetPolicy, Outcome
 from .service import Service
+
+log = logging.getLogger("msdnet.v2")
 
 MODEL_NAME = "msdnet"
 MODEL_VERSION = "1"
@@ -84,6 +85,8 @@ def _errors_as_v2(handler):
             service = getattr(request.app.state, "service", None)
             if service is not None and exc.reason:
                 service.metrics.rejected.labels(reason=exc.reason).inc()
+            if exc.status >= 500 and not isinstance(exc, errors.NotReady):
+                log.warning("%s: %s", exc.code, exc.message)
             return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
     return wrapper
@@ -105,6 +108,9 @@ def _loaded(request: Request) -> Service:
 
 
 router = APIRouter(tags=["v2 (Open Inference Protocol)"])
+# The handlers read the version from path_params (one handler per route pair), so declare it for /docs.
+VERSIONED = {"parameters": [{"name": "version", "in": "path", "required": True,
+                             "schema": {"type": "string", "enum": [MODEL_VERSION]}}]}
 
 
 @router.get("/v2/health/live", summary="v2: liveness")
@@ -144,7 +150,7 @@ def _metadata(service: Service) -> dict:
 
 
 @router.get("/v2/models/{name}", summary="v2: model metadata")
-@router.get("/v2/models/{name}/versions/{version}", summary="v2: model metadata (versioned)")
+@router.get("/v2/models/{name}/versions/{version}", summary="v2: model metadata (versioned)", openapi_extra=VERSIONED)
 @_errors_as_v2
 async def model_metadata(request: Request, name: str) -> dict:
     _model(name, request.path_params.get("version"))
@@ -152,7 +158,8 @@ async def model_metadata(request: Request, name: str) -> dict:
 
 
 @router.get("/v2/models/{name}/ready", summary="v2: model readiness")
-@router.get("/v2/models/{name}/versions/{version}/ready", summary="v2: model readiness (versioned)")
+@router.get("/v2/models/{name}/versions/{version}/ready", summary="v2: model readiness (versioned)",
+            openapi_extra=VERSIONED)
 @_errors_as_v2
 async def model_ready(request: Request, name: str) -> dict:
     _model(name, request.path_params.get("version"))
@@ -175,7 +182,7 @@ def _parse_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
                                     f"{len(body)} bytes")
     try:
         header = json.loads(body[:split])
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise errors.BadRequest(f"request header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise errors.BadRequest("request header must be a JSON object")
@@ -208,10 +215,17 @@ def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
 
 
 def _flat(data) -> list:
-    """Nested JSON lists (row-major) to one flat list."""
-    if not isinstance(data, list):
-        return [data]
-    return [x for d in data for x in _flat(d)]
+    """Nested JSON lists (row-major) to one flat list (iterative: any depth)."""
+    out, stack = [], [iter([data])]
+    while stack:
+        for x in stack[-1]:
+            if isinstance(x, list):
+                stack.append(iter(x))
+                break
+            out.append(x)
+        else:
+            stack.pop()
+    return out
 
 
 def _images(service: Service, inputs: list, tail: bytes) -> list[np.ndarray]:
@@ -226,6 +240,8 @@ def _images(service: Service, inputs: list, tail: bytes) -> list[np.ndarray]:
                                 "or 'image_bytes' (BYTES [N], encoded image files)")
     t = inputs[0]
     name, datatype, shape, params = t.get("name"), t.get("datatype"), t.get("shape"), t.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise errors.BadRequest(f"input {name!r}: parameters must be a JSON object")
     expected = {"image": "FP32", "image_bytes": "BYTES"}
     if name not in expected:
         raise errors.BadRequest(f"unknown input {name!r}; inputs: 'image' (FP32) or 'image_bytes' (BYTES)")
@@ -291,54 +307,6 @@ def _images(service: Service, inputs: list, tail: bytes) -> list[np.ndarray]:
     return images
 
 
-# TODO(issue 7): move into Service as Service.classify_array (classify = decode + this).
-async def _classify_array(service: Service, image: np.ndarray, deadline_ms: float | None,
-                          started: float) -> Finished:
-    """Service.classify for an already-decoded image (C, H, W) float32.
-
-    Raises:
-        errors.Overloaded: queue full (503).
-        errors.DeadlineExceeded: deadline passed before exit 1 (504).
-    """
-    deadline = None if deadline_ms is None else started + deadline_ms / 1e3
-    if deadline_ms is not None:
-        service.metrics.deadline_requests.inc()
-    (fut,) = service._submit([image], [service._classify_policy], [deadline], started, service._on_classify_done)
-    f: Finished = await fut
-    if f.outcome is Outcome.EXPIRED:
-        service.metrics.deadline_misses.inc()
-        raise errors.DeadlineExceeded(f"deadline of {deadline_ms:g} ms passed before exit 1 could run; "
-                                      "nothing was computed", deadline_ms=deadline_ms)
-    if deadline_ms is not None and (time.monotonic() - started) * 1e3 > deadline_ms:
-        service.metrics.deadline_misses.inc()
-    return f
-
-
-# TODO(issue 7): move into Service as Service.batch_arrays (batch = decode + this).
-async def _batch_arrays(service: Service, images: list[np.ndarray], flops_budget: float,
-                        started: float) -> list[Finished]:
-    """Service.batch for already-decoded images: ``sum(flops) <= flops_budget``.
-
-    Raises:
-        errors.BudgetTooSmall: budget below N x exit 1's cost (422).
-        errors.Overloaded: queue full (503).
-    """
-    n = len(images)
-    minimum = service.minimum_budget(n)
-    if flops_budget < minimum:
-        raise errors.BudgetTooSmall(
-            f"flops_budget {flops_budget:.0f} is below the minimum for {n} images: {n} x {service.exit_flops[0]} "
-            f"(exit 1's cost) = {minimum:.0f} FLOPs", minimum_flops_budget=minimum)
-    # Thresholds for the mean budget per image, from the calibration curve (as Service.batch).
-    point = service.controller.curve[0]
-    for p in service.controller.curve:
-        if p.mean_flops <= flops_budget / n:
-            point = p
-    policy = BudgetPolicy(flops_budget, n, point.thresholds, service.exit_flops)
-    futures = service._submit(images, [policy] * n, [None] * n, started, service._on_batch_done)
-    return list(await asyncio.gather(*futures))
-
-
 def _requested_outputs(header: dict) -> list[tuple[str, bool]]:
     """(name, binary) per output to return, in response order."""
     params = header.get("parameters") or {}
@@ -355,6 +323,8 @@ def _requested_outputs(header: dict) -> list[tuple[str, bool]]:
         name, p = o.get("name"), o.get("parameters") or {}
         if name not in OUTPUTS:
             raise errors.BadRequest(f"unknown output {name!r}; outputs: {', '.join(OUTPUTS)}")
+        if not isinstance(p, dict):
+            raise errors.BadRequest(f"output '{name}': parameters must be a JSON object")
         if "classification" in p:
             raise errors.BadRequest("the classification extension is not supported; ask for 'label' and "
                                     "'probabilities'")
@@ -385,8 +355,17 @@ def _tensor(name: str, array: np.ndarray | list[bytes], binary: bool) -> tuple[d
     return entry, raw
 
 
-@router.post("/v2/models/{name}/infer", summary="v2: inference")
-@router.post("/v2/models/{name}/versions/{version}/infer", summary="v2: inference (versioned)")
+INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"type": "object", "required": ["inputs"]},
+    "example": {"id": "42", "parameters": {"deadline_ms": 50},
+                "inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES",
+                            "data": ["iVBORw0KGgo... (base64 of a PNG)"]}],
+                "outputs": [{"name": "label"}, {"name": "exit"}, {"name": "flops"}]}}}}}
+
+
+@router.post("/v2/models/{name}/infer", summary="v2: inference", openapi_extra=INFER_BODY)
+@router.post("/v2/models/{name}/versions/{version}/infer", summary="v2: inference (versioned)",
+             openapi_extra={**INFER_BODY, **VERSIONED})
 @_errors_as_v2
 async def infer(request: Request, name: str) -> Response:
     """Classify N images; see the module docstring for tensors and parameters."""
@@ -408,9 +387,9 @@ async def infer(request: Request, name: str) -> Response:
     images = _images(service, header.get("inputs"), tail)
 
     if budget is not None:
-        done = await _batch_arrays(service, images, budget, started)
+        done = await service.batch_arrays(images, budget, started)
     else:
-        got = await asyncio.gather(*(_classify_array(service, im, deadline_ms, started) for im in images),
+        got = await asyncio.gather(*(service.classify_array(im, deadline_ms, started) for im in images),
                                    return_exceptions=True)  # let every image finish before answering
         for g in got:
             if isinstance(g, BaseException):

@@ -3,7 +3,6 @@ fed different traffic (issue 6). Marked integration; about a minute."""
 
 from __future__ import annotations
 
-import base64
 import io
 import shutil
 import signal

@@ -230,8 +230,15 @@ def post_infer(server, header: dict, tail: bytes = b"", header_length: int | Non
     return httpx.post(server.url + "/v2/models/msdnet/infer", content=head + tail, headers=headers, timeout=30)
 
 
+def metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
 def test_raw_protocol_errors_are_json_error_strings(server, tensor):
     one = {"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32"}
+    rejected = 'msdnet_rejected_requests_total{reason="bad_request"}'
+    before = metric(server, rejected)
     cases = [
         (httpx.post(server.url + "/v2/models/msdnet/infer", content=b"{nope", timeout=30), 400, "not valid JSON"),
         (post_infer(server, {"inputs": []}), 400, "exactly one tensor"),
@@ -251,11 +258,21 @@ def test_raw_protocol_errors_are_json_error_strings(server, tensor):
          422, "cannot be combined"),
         (post_infer(server, {"inputs": [{**one, "data": [0.0] * 784}]}, b"", header_length=10**6), 400,
          "Inference-Header-Content-Length"),
+        (httpx.post(server.url + "/v2/models/msdnet/infer", content=b"[" * 100_000, timeout=30), 400,
+         "not valid JSON"),
+        (post_infer(server, {"inputs": [{**one, "data": [0.0] * 784, "parameters": [1]}]}), 400,
+         "parameters must be a JSON object"),
+        (post_infer(server, {"inputs": [{**one, "data": [0.0] * 784}], "outputs": [{"name": "exit",
+                                                                                   "parameters": 3}]}), 400,
+         "output 'exit': parameters must be a JSON object"),
     ]
     for r, status, words in cases:
         assert r.status_code == status, (words, r.text)
         assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str), r.text
         assert words in r.json()["error"], (words, r.text)
+    # Counted like the other routes' errors.
+    assert metric(server, rejected) - before == sum(status == 400 for _, status, _ in cases)
+    assert metric(server, 'msdnet_requests_total{endpoint="/v2",status="400"}') >= 10
 
 
 def test_raw_binary_bytes_and_json_outputs(server, files, reference):
@@ -270,6 +287,15 @@ def test_raw_binary_bytes_and_json_outputs(server, files, reference):
     assert out["flops"] == {"name": "flops", "datatype": "INT64", "shape": [2],
                             "data": [x["flops"] for x in reference[:2]]}
     assert out["probabilities"]["shape"] == [2, 10] and len(out["probabilities"]["data"]) == 20
+
+
+def test_nested_json_data_is_read_row_major(server, tensor, reference):
+    header = {"inputs": [{"name": "image", "shape": list(tensor.shape), "datatype": "FP32",
+                          "data": tensor.tolist()}], "outputs": [{"name": "class_id"}, {"name": "exit"}]}
+    r = post_infer(server, header)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o["data"] for o in r.json()["outputs"]}
+    assert out == {"class_id": [x["class_id"] for x in reference], "exit": [x["exit"] for x in reference]}
 
 
 def test_not_ready_is_503_in_the_protocol_shape(tiny_checkpoint):

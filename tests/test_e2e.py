@@ -25,11 +25,12 @@ from tests.live import LiveServer
 
 pytestmark = pytest.mark.integration
 N = int(os.environ.get("MSDNET_E2E_IMAGES", "1000"))
+CHECKPOINT = os.environ.get("MSDNET_CHECKPOINT", str(DEFAULT_CHECKPOINT))  # another model: set it
 MARGIN = 1e-4  # confidences this close to a threshold may flip with batch composition (float rounding)
 
 
 def test_served_answers_equal_offline_evaluation():
-    ck = load(DEFAULT_CHECKPOINT)
+    ck = load(CHECKPOINT)
     test = load_fashion_mnist(split="test")
     pngs = []
     for i in range(N):
@@ -48,7 +49,7 @@ def test_served_answers_equal_offline_evaluation():
     exits = C.exit_of(conf, cal["thresholds"])
     offline_label = pred[exits, np.arange(N)]
 
-    with LiveServer(DEFAULT_CHECKPOINT, {"MSDNET_TORCH_THREADS": "2"}, args=["--no-controller"]) as srv:
+    with LiveServer(CHECKPOINT, {"MSDNET_TORCH_THREADS": "2"}, args=["--no-controller"]) as srv:
         def post(data):
             r = httpx.post(srv.url + "/classify", content=data, headers={"content-type": "image/png"}, timeout=60)
             assert r.status_code == 200, r.text

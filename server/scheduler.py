@@ -180,7 +180,9 @@ class BlockScheduler:
         finished = []
         estimate = self.latency.estimate(block, len(batch))
         kept = []
-        for task in batch:
+        # Least confident first: when a batch budget cannot pay every image's
+        # next block, the blocks go to the images most likely wrong where they are.
+        for task in sorted(batch, key=lambda t: -1.0 if t.confidence is None else t.confidence):
             if task.deadline is not None and now + estimate > task.deadline:
                 finished.append((task, Outcome.EXPIRED if task.exits_done == 0 else Outcome.DEADLINE))
             elif task.exits_done > 0 and not task.policy.may_continue(task):

@@ -189,6 +189,8 @@ class BlockScheduler:
                 finished.append((task, Outcome.BUDGET))
             else:
                 kept.append(task)
+        keep = set(kept)
+        kept = [t for t in batch if t in keep]  # queue order for the step
         self.in_flight -= len(finished)
         return block, kept, finished
 

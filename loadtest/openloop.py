@@ -193,7 +193,7 @@ async def run_async(url: str, make_request: Callable[[int], Request], rate: floa
         status, payload, error = 0, b"", None
         try:
             status, payload = await http.post(base + req.path, req.body, req.content_type)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             error = "timeout"
         except Exception as exc:  # connection refused/reset: a failed request, not a crash
             error = type(exc).__name__

@@ -83,6 +83,15 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"{self.name} not ready in {self.ready_timeout_s} s: {self.read_log()[-3000:]}")
 
+    def cpu_s(self) -> float | None:
+        """CPU seconds (user + system, all threads) the server process has used;
+        None where /proc is not available."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+
     def read_log(self) -> str:
         self.logfile.flush()
         return Path(self.logfile.name).read_text(errors="replace")

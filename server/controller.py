@@ -160,6 +160,10 @@ class BudgetController:
                 bias = (self.bias * self.own_rate + self.fleet.bias_rate) / total_rate
         b = self.target - bias - deficit / self.horizon
         self.command = min(max(b, self._costs[0]), self._costs[-1])
-        # The most expensive point that does not exceed the command.
-        i = bisect.bisect_right(self._costs, self.command) - 1
-        self._point = self.curve[max(i, 0)]
+        self._point = self.point_for(self.command)
+
+    def point_for(self, flops: float) -> OperatingPoint:
+        """The most expensive curve point whose validation mean does not exceed
+        ``flops`` per image (the cheapest point when all do)."""
+        i = bisect.bisect_right(self._costs, flops) - 1
+        return self.curve[max(i, 0)]

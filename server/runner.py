@@ -98,10 +98,6 @@ class Runner:
             self._cv.notify()
         return futures
 
-    def depths(self) -> list[int]:
-        with self._cv:
-            return [self.scheduler.depth(b) for b in range(self.num_exits)]
-
     # ---- lifecycle -------------------------------------------------------
     def start(self, warmup_rounds: int = 5) -> None:
         """Start the model thread; it warms up (seeding the latency model) first."""

@@ -205,10 +205,7 @@ class Service:
         """
         n = len(images)
         self._check_budget(flops_budget, n)
-        point = self.controller.curve[0]
-        for p in self.controller.curve:
-            if p.mean_flops <= flops_budget / n:
-                point = p
+        point = self.controller.point_for(flops_budget / n)
         policy = BudgetPolicy(flops_budget, n, point.thresholds, self.exit_flops)
         futures = self._submit(images, [policy] * n, [None] * n, started, self._on_batch_done)
         return list(await asyncio.gather(*futures))

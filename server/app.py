@@ -8,15 +8,11 @@ handler; request validation errors become 422 with the same body shape.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
+import functools
 import hmac
-import json
 import logging
 import time
-import uuid
-from contextvars import ContextVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,39 +20,21 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.checkpoint import load as load_checkpoint
 
-from . import errors
+from . import errors, listener, params
+from .logs import request_id
+from .protocol import TimedHTTPProtocol
 from .schemas import BatchRequest, BatchResult, BudgetState, BudgetUpdate, ClassifyRequest, ClassifyResult, ErrorBody
 from .service import Service
 from .settings import Settings
 
 log = logging.getLogger("msdnet.http")
-request_id: ContextVar[str] = ContextVar("request_id", default="-")
 
 ROUTE_LABELS = {"/classify", "/batch", "/budget", "/healthz", "/readyz", "/metrics"}
 ERROR_RESPONSES = {s: {"model": ErrorBody} for s in (400, 413, 415, 422, 503, 504)}
-
-
-def _b64(value: str, what: str) -> bytes:
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise errors.BadImage(f"{what} is not valid base64: {exc}") from exc
-
-
-def _positive(value, name: str) -> float | None:
-    """A form field that must be a positive number (422 otherwise)."""
-    if value is None or value == "":
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise errors.InvalidParameter(f"{name} must be a positive number, got {value!r}", field=name) from None
-    if not v > 0 or v == float("inf"):
-        raise errors.InvalidParameter(f"{name} must be a positive number, got {value!r}", field=name)
-    return v
 
 
 async def _json_body(request: Request, model):
@@ -64,13 +42,19 @@ async def _json_body(request: Request, model):
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        problems = [(".".join(str(p) for p in e["loc"]) or "body", e["msg"]) for e in exc.errors()]
+        problems = [(".".join(str(p) for p in e["loc"]) or "body", e["msg"].removeprefix("Value error, "))
+                    for e in exc.errors()]
         raise errors.InvalidParameter("; ".join(f"{where}: {msg}" for where, msg in problems),
                                       field=problems[0][0]) from None
 
 
 def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def arrival(request: Request) -> float:
+    """When the request's headers arrived (s, monotonic), as the middleware saw it."""
+    return getattr(request.state, "arrival", None) or time.monotonic()
 
 
 def _service(request: Request) -> Service:
@@ -106,20 +90,21 @@ async def classify(request: Request) -> dict:
     threshold; with ``deadline_ms``, never start a block the latency estimate
     says would overrun it. Body: JSON ``{"image": base64, "deadline_ms": int}``,
     multipart (``file``, ``deadline_ms``) or raw image bytes (``?deadline_ms=``)."""
-    started = time.monotonic()
+    started = arrival(request)
     service = _service(request)
     ctype = _content_type(request)
     if ctype == "application/json":
         body = await _json_body(request, ClassifyRequest)
-        data, deadline = _b64(body.image, "image"), body.deadline_ms
+        data, deadline = params.b64decode(body.image, "image"), body.deadline_ms
     elif ctype == "multipart/form-data":
         form = await request.form()
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise errors.BadRequest("multipart body needs a file field named 'file'")
-        data, deadline = await upload.read(), _positive(form.get("deadline_ms"), "deadline_ms")
+        data, deadline = await upload.read(), params.positive_number(form.get("deadline_ms"), "deadline_ms")
     elif ctype.startswith("image/") or ctype == "application/octet-stream":
-        data, deadline = await request.body(), _positive(request.query_params.get("deadline_ms"), "deadline_ms")
+        data = await request.body()
+        deadline = params.positive_number(request.query_params.get("deadline_ms"), "deadline_ms")
     else:
         raise errors.UnsupportedMedia(f"content type {ctype or '(none)'!r} is not accepted; send "
                                       "application/json, multipart/form-data or image/*")
@@ -132,19 +117,18 @@ async def classify(request: Request) -> dict:
 async def batch(request: Request) -> dict:
     """Classify many images under one total FLOPs budget (paper §5.2); easy
     images leave early, hard ones get more blocks; ``flops_used <= flops_budget``."""
-    started = time.monotonic()
+    started = arrival(request)
     service = _service(request)
     ctype = _content_type(request)
     if ctype == "application/json":
         body = await _json_body(request, BatchRequest)
         budget = body.flops_budget
         raw = body.images
-        if len(raw) > service.settings.max_batch_images:
-            raise errors.TooLarge(f"{len(raw)} images; at most {service.settings.max_batch_images} per /batch")
+        params.image_count(len(raw), service.settings.max_batch_images)
         items: list[bytes | errors.ServiceError] = []
         for i, s in enumerate(raw):
             try:
-                items.append(_b64(s, f"images[{i}]"))
+                items.append(params.b64decode(s, f"images[{i}]"))
             except errors.BadImage as exc:
                 items.append(exc)
     elif ctype == "multipart/form-data":
@@ -152,10 +136,9 @@ async def batch(request: Request) -> dict:
         uploads = [v for k, v in form.multi_items() if k in ("files", "file") and isinstance(v, UploadFile)]
         if not uploads:
             raise errors.BadRequest("multipart body needs one or more file fields named 'files'")
-        if len(uploads) > service.settings.max_batch_images:
-            raise errors.TooLarge(f"{len(uploads)} images; at most {service.settings.max_batch_images} per /batch")
+        params.image_count(len(uploads), service.settings.max_batch_images)
         items = [await u.read() for u in uploads]
-        budget = _positive(form.get("flops_budget"), "flops_budget")
+        budget = params.positive_number(form.get("flops_budget"), "flops_budget")
     else:
         raise errors.UnsupportedMedia(f"content type {ctype or '(none)'!r} is not accepted; send "
                                       "application/json or multipart/form-data")
@@ -209,11 +192,21 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-class BodyLimitAndContext:
-    """ASGI middleware: request id, access log, request metrics, body size limit.
+class RequestContext:
+    """ASGI middleware around every HTTP request: request id, receive limits,
+    request metrics and the access log.
 
-    A body over ``max_body_bytes`` gets 413: at once when ``Content-Length`` says
-    so, or as soon as the streamed bytes pass the limit (the rest is not read).
+    - Request id: a safe client ``X-Request-ID`` or a new one (``params.request_id``),
+      echoed in the response and carried by every log line.
+    - Receive limits: a body over ``max_body_bytes`` gets 413, at once when
+      ``Content-Length`` says so, or as soon as the streamed bytes pass the limit;
+      a body not complete within ``receive_timeout_s`` of the headers gets 408.
+      Both close the connection (the rest is not read).
+    - Every response, whatever produced it (route, error handler, this middleware,
+      Starlette's 404/405, an unhandled exception's 500), is counted in
+      ``msdnet_requests_total{endpoint,status}``; unknown paths as ``other``.
+    Header bytes are decoded as Latin-1 (RFC 9110 obs-text), so no header value
+    can fail a request.
     """
 
     def __init__(self, app, settings: Settings):
@@ -223,13 +216,12 @@ class BodyLimitAndContext:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.monotonic()
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        rid = headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        raw_id = next((v for k, v in scope["headers"] if k.lower() == b"x-request-id"), None)
+        rid = params.request_id(raw_id)
         token = request_id.set(rid)
+        scope.setdefault("state", {})["arrival"] = started  # deadlines count from here
         path = scope["path"]
-        endpoint = path if path in ROUTE_LABELS else ("/v2" if path.startswith("/v2") else "other")
         status = {"code": 500}
-        service = getattr(scope.get("app").state, "service", None) if scope.get("app") else None
 
         async def send_wrapped(message):
             if message["type"] == "http.response.start":
@@ -237,33 +229,19 @@ class BodyLimitAndContext:
                 message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
             await send(message)
 
-        too_large = errors.TooLarge(f"request body is over the limit of {self.limit} bytes",
-                                    max_body_bytes=self.limit)
         try:
-            length = headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > self.limit:
-                raise too_large
-            seen = 0
-
-            async def receive_limited():
-                nonlocal seen
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen += len(message.get("body", b""))
-                    if seen > self.limit:
-                        raise too_large
-                return message
-
-            await self.app(scope, receive_limited, send_wrapped)
-        except errors.TooLarge as exc:
-            await _send_error(send_wrapped, exc, v2=path.startswith("/v2"))
-            if service is not None:
-                service.metrics.rejected.labels(reason="too_large").inc()
+            length = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), b"")
+            if length.isdigit() and int(length) > self.limit:
+                raise errors.TooLarge(f"request body is over the limit of {self.limit} bytes",
+                                      max_body_bytes=self.limit, headers={"Connection": "close"})
+            await self.app(scope, self._limited(receive, started), send_wrapped)
+        except errors.ServiceError as exc:  # raised here, outside the routes' handlers
+            await _send_error(send_wrapped, exc, path, _service_of(scope))
         finally:
             elapsed = time.monotonic() - started
-            if service is None:
-                service = getattr(scope["app"].state, "service", None) if scope.get("app") else None
-            if service is not None and endpoint != "other":
+            service = _service_of(scope)
+            endpoint = path if path in ROUTE_LABELS else ("/v2" if path.startswith("/v2") else "other")
+            if service is not None:
                 service.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
                 service.metrics.latency.labels(endpoint=endpoint).observe(elapsed)
             if self.settings.access_log and endpoint not in ("/metrics", "/healthz"):
@@ -271,16 +249,69 @@ class BodyLimitAndContext:
                                            "latency_ms": round(elapsed * 1e3, 3)})
             request_id.reset(token)
 
+    def _limited(self, receive, started: float):
+        """``receive`` with the body's size and time limits."""
+        seen, done = 0, False
+        limit, timeout = self.limit, self.settings.receive_timeout_s
 
-async def _send_error(send, exc: errors.ServiceError, v2: bool = False) -> None:
-    # /v2 answers in the Open Inference Protocol's error shape.
-    body = json.dumps({"error": exc.message} if v2 else exc.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
-    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+        async def receive_limited():
+            nonlocal seen, done
+            if done:  # after the body: waiting for a disconnect is not bounded
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, started + timeout - time.monotonic()))
+            except TimeoutError:
+                raise errors.RequestTimeout(f"request body not received within {timeout:g} s",
+                                            timeout_s=timeout, headers={"Connection": "close"}) from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise errors.TooLarge(f"request body is over the limit of {limit} bytes",
+                                          max_body_bytes=limit, headers={"Connection": "close"})
+                done = not message.get("more_body", False)
+            else:
+                done = True
+            return message
+
+        return receive_limited
+
+
+def _count_slow_client(service: Service, what: str) -> None:
+    """A connection closed by :class:`server.protocol.TimedHTTPProtocol`."""
+    service.metrics.rejected.labels(reason="timeout").inc()
+    if what == "header_timeout":
+        service.metrics.requests.labels(endpoint="other", status="408").inc()
+    log.info("slow client: %s", what)
+
+
+def _service_of(scope) -> Service | None:
+    app = scope.get("app")
+    return getattr(app.state, "service", None) if app is not None else None
+
+
+def error_response(exc: errors.ServiceError, path: str) -> JSONResponse:
+    """The one mapping of a :class:`errors.ServiceError` to a response: the
+    service's ``{"error": {"code", "message", ...}}``, or under ``/v2`` the Open
+    Inference Protocol's ``{"error": "<message>"}``; the error's status and headers."""
+    body = {"error": exc.message} if path.startswith("/v2") else exc.body()
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+def _count_rejection(service: Service | None, exc: errors.ServiceError) -> None:
+    if service is not None and exc.reason:
+        service.metrics.rejected.labels(reason=exc.reason).inc()
+    if exc.status >= 500 and not isinstance(exc, errors.NotReady):
+        log.warning("%s: %s", exc.code, exc.message)
+
+
+async def _send_error(send, exc: errors.ServiceError, path: str, service: Service | None) -> None:
+    _count_rejection(service, exc)
     with contextlib.suppress(Exception):  # the response may have started already
-        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await error_response(exc, path)({"type": "http"}, None, send)
+
+
+_HTTP_ERRORS = {400: errors.BadRequest, 404: errors.NotFound, 405: errors.MethodNotAllowed,
+                413: errors.TooLarge}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -294,8 +325,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        listener.claim()  # one process per replica, however the app was started
         checkpoint = load_checkpoint(settings.checkpoint)
         service = Service(checkpoint, settings)
+        TimedHTTPProtocol.on_reject = functools.partial(_count_slow_client, service)
         service.runner.start(settings.warmup_rounds)
         if settings.redis_url:
             from .fleet import Fleet
@@ -323,12 +356,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(errors.ServiceError)
     async def _service_error(request: Request, exc: errors.ServiceError):
-        service = getattr(request.app.state, "service", None)
-        if service is not None and exc.reason:
-            service.metrics.rejected.labels(reason=exc.reason).inc()
-        if exc.status >= 500 and not isinstance(exc, errors.NotReady):
-            log.warning("%s: %s", exc.code, exc.message)
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        _count_rejection(getattr(request.app.state, "service", None), exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -336,5 +365,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         where = ".".join(str(p) for p in first["loc"])
         return await _service_error(request, errors.InvalidParameter(f"{where}: {first['msg']}", field=where))
 
-    app.add_middleware(BodyLimitAndContext, settings=settings)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # Starlette's own errors (unknown route, wrong method, malformed multipart)
+        # in the service's error shape.
+        kind = _HTTP_ERRORS.get(exc.status_code, errors.BadRequest)
+        if "maximum size" in str(exc.detail):  # python-multipart: a form field over its size limit
+            kind = errors.TooLarge
+        return await _service_error(request, kind(str(exc.detail), headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.error("unhandled %s", type(exc).__name__, exc_info=exc)
+        return error_response(errors.ServiceError(f"internal error ({type(exc).__name__}); the request id is in "
+                                                  "the X-Request-ID header"), request.url.path)
+
+    app.add_middleware(RequestContext, settings=settings)
     return app

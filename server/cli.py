@@ -15,6 +15,7 @@ def cmd_serve(args) -> int:
 
     from . import logs
     from .app import create_app
+    from .protocol import TimedHTTPProtocol
     from .settings import Settings
 
     overrides = {k: v for k, v in {
@@ -43,8 +44,9 @@ def cmd_serve(args) -> int:
     log_config = logs.configure(settings.log_level)
     # uvicorn drains on SIGTERM, then re-raises the signal; after a clean drain exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    protocol = TimedHTTPProtocol.configure(settings.receive_timeout_s, settings.max_pending_connections)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=log_config,
-                timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False)
+                timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False, http=protocol)
     return 0
 
 

@@ -55,6 +55,27 @@ class BudgetTooSmall(ServiceError):
     status, code, reason = 422, "budget_too_small", "budget_too_small"
 
 
+class RequestTimeout(ServiceError):
+    """The client did not send its whole request (headers and body) in time."""
+
+    status, code, reason = 408, "request_timeout", "timeout"
+
+
+class NonFiniteOutput(ServiceError):
+    """The network's logits for this image are not finite (NaN or infinite): it
+    is never answered as a class, and nothing is charged to the budget controller."""
+
+    status, code, reason = 422, "non_finite_output", "non_finite_output"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status, code = 405, "method_not_allowed"
+
+
 class Unauthorized(ServiceError):
     status, code = 401, "unauthorized"
 

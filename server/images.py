@@ -4,11 +4,17 @@ Plain Pillow and numpy (no torch). Checks run before pixels are decoded: the
 byte size by the HTTP layer, then the format and the pixel count from the header
 (a decompression bomb is refused without decoding it).
 
+First the EXIF orientation tag (values 2 to 8) is applied, so a photo stored
+rotated is seen upright; a missing, invalid (0, 9, ...) or corrupt tag leaves the
+pixels as stored. A camera JPEG with an embedded preview (MPO) is served as its
+primary image.
+
 Mode rule (every Pillow mode the model can meet), to the model's channels:
 
-- transparency (``LA``, ``RGBA``, ``PA``, ``P`` with a transparent colour):
-  alpha-composited onto the model's background (black for Fashion-MNIST, whose
-  garments are light on black), then as below;
+- transparency, in every form an image can carry it (``LA``, ``RGBA``, ``PA``,
+  and ``L``, ``RGB``, ``P`` or ``I;16`` with a transparent colour, e.g. a PNG
+  tRNS chunk): alpha-composited onto the model's background (black for
+  Fashion-MNIST, whose garments are light on black), then as below;
 - ``1``: black/white to 0/255; ``P``: through its palette to RGB;
 - ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: to RGB by Pillow;
 - ``I;16`` (and ``I;16B``/``I;16L``): value / 257 (16-bit full range to 8-bit);
@@ -28,11 +34,30 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BadImage, TooLarge, UnsupportedMedia
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+# Formats Pillow may report for files of the supported ones: a camera JPEG with a
+# preview image (Multi-Picture Object) is a JPEG whose first frame is the photo.
+FORMAT_ALIASES = {"MPO": "JPEG"}
+# Image formats Pillow cannot open, recognised from their first bytes so that they
+# get 415 "unsupported format" rather than 400 "not an image".
+_SIGNATURES = (
+    (4, (b"ftypheic", b"ftypheix", b"ftyphevc", b"ftypheim", b"ftypheis", b"ftypmif1", b"ftypmsf1"), "HEIF/HEIC"),
+    (4, (b"ftypavif", b"ftypavis"), "AVIF"),
+    (0, (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n"), "JPEG XL"),
+    (0, (b"<svg", b"<?xml"), "SVG"),
+)
+
+
+def _known_format(data: bytes) -> str | None:
+    """The name of a known image format Pillow cannot read, from its magic bytes."""
+    for offset, magics, name in _SIGNATURES:
+        if any(data[offset: offset + len(m)] == m for m in magics):
+            return name
+    return None
 
 
 @dataclass(frozen=True)
@@ -59,25 +84,37 @@ def _flatten_alpha(img: Image.Image, background: int) -> Image.Image:
 def _to_8bit(img: Image.Image, background: int) -> Image.Image:
     """Any supported mode -> "L" or "RGB" by the module's rule."""
     mode = img.mode
+    transparent = img.info.get("transparency")
+    if mode in ("LA", "RGBA", "PA", "La", "RGBa") or (transparent is not None and mode in ("L", "RGB", "P", "1")):
+        return _flatten_alpha(img, background)
     if mode in ("L", "RGB"):
         return img
-    if mode in ("LA", "RGBA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
-        return _flatten_alpha(img, background)
     if mode == "1":
         return img.convert("L")
     if mode in ("P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
         return img.convert("RGB")
+    raw = np.asarray(img)
     if mode.startswith("I;16"):
-        a = np.asarray(img, dtype=np.float64) / 257.0
+        a = raw.astype(np.float64) / 257.0
     elif mode == "I":
-        a = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0
+        a = np.clip(raw.astype(np.float64), 0, 65535) / 257.0
     elif mode == "F":
-        a = np.asarray(img, dtype=np.float64)
+        a = raw.astype(np.float64)
         a = a * 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else a
         a = np.nan_to_num(np.clip(a, 0, 255))
     else:
         raise UnsupportedMedia(f"image mode {mode!r} is not supported", supported_formats=list(SUPPORTED_FORMATS))
+    if transparent is not None:  # a transparent grey level (16-bit PNG tRNS): Pillow's convert ignores it
+        a = np.where(raw == transparent, background, a)
     return Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag; a corrupt EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # Pillow raises many types on malformed EXIF data
+        return img
 
 
 def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
@@ -99,12 +136,15 @@ def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooLarge(f"image is over the pixel limit of {max_pixels}: {exc}", max_pixels=max_pixels) from exc
     except UnidentifiedImageError as exc:
+        known = _known_format(data)
+        if known is not None:
+            raise UnsupportedMedia(f"image format {known} is not supported", supported_formats=supported) from exc
         raise BadImage("not an image, or an image format that cannot be read",
                        supported_formats=supported) from exc
     except Exception as exc:  # Pillow raises many types on garbage headers
         raise BadImage(f"unreadable image header: {exc}", supported_formats=supported) from exc
     with img:
-        if img.format not in SUPPORTED_FORMATS:
+        if FORMAT_ALIASES.get(img.format, img.format) not in SUPPORTED_FORMATS:
             raise UnsupportedMedia(f"image format {img.format} is not supported", supported_formats=supported)
         w, h = img.size
         if w * h > max_pixels:
@@ -114,6 +154,7 @@ def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
             raise BadImage(f"image has no pixels ({w}x{h})", supported_formats=supported)
         try:
             img.load()
+            img = _upright(img)
             img = _to_8bit(img, spec.background)
             img = img.convert("L" if spec.channels == 1 else "RGB")
             if img.size != (spec.image_size, spec.image_size):

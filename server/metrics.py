@@ -15,7 +15,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 REJECT_REASONS = ("queue_full", "deadline", "bad_request", "unsupported_media", "too_large",
-                  "invalid_parameter", "budget_too_small")
+                  "invalid_parameter", "budget_too_small", "timeout", "non_finite_output")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 

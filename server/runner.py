@@ -184,7 +184,9 @@ class Runner:
         logits, new_state = self.model.advance(state)
         probs = torch.softmax(logits.double() / self.temperatures[block], dim=1).numpy()
         seconds = time.perf_counter() - t0
-        conf = probs.max(axis=1).tolist()
+        conf = probs.max(axis=1)
+        conf[~torch.isfinite(logits).all(dim=1).numpy()] = np.nan  # the scheduler's sign for "no answer"
+        conf = conf.tolist()
         for i, t in enumerate(batch):
             t.state.batch_state, t.state.row, t.state.probs = new_state, i, probs[i]
         with self._cv:

@@ -39,6 +39,7 @@ class Outcome(enum.Enum):
     DEADLINE = "deadline"     # the next block would overrun its deadline
     BUDGET = "budget"         # its batch's FLOPs budget cannot pay for the next block
     EXPIRED = "expired"       # deadline passed before exit 1 could run: nothing computed
+    NON_FINITE = "non_finite"  # the exit's logits are NaN or infinite: no answer, no further block
 
 
 class ExitPolicy(Protocol):
@@ -199,6 +200,8 @@ class BlockScheduler:
         """Record a finished step of ``block`` on ``batch`` that took ``seconds``,
         with each image's confidence at exit block+1. Images that leave are
         returned with their outcome; the rest are queued at the next block.
+        A NaN confidence means the network's output for that image is not
+        finite: it leaves with ``NON_FINITE`` (a deeper block cannot mend it).
         """
         if batch:
             self.latency.observe(block, len(batch), seconds)
@@ -206,7 +209,9 @@ class BlockScheduler:
         for task, conf in zip(batch, confidences):
             task.exits_done = block + 1
             task.confidence = conf
-            if task.exits_done == self.num_blocks:
+            if conf != conf:  # NaN
+                finished.append((task, Outcome.NON_FINITE))
+            elif task.exits_done == self.num_blocks:
                 finished.append((task, Outcome.LAST_EXIT))
             elif task.policy.leaves(task, conf):
                 finished.append((task, Outcome.CONFIDENT))

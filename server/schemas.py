@@ -7,25 +7,49 @@ with lazy evaluation.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from typing import Annotated
 
-EXAMPLE_IMAGE = "iVBORw0KGgo... (base64 of a PNG)"
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from . import errors, params
+
+# A real 28 x 28 grey PNG (an ankle boot from the Fashion-MNIST test split), so
+# the examples in /docs work when sent.
+EXAMPLE_IMAGE = (
+    "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAABUElEQVR42t3Su0rDYBgG4Pf78ydpDk0roQcVPAylaJFOoljciu7i"
+    "4uCiixfgfQkOTl6Bo5Pgoqhoiya2aWqb/AcHQdA70G98H953+oB/fQYBNhoA+xETw/y+JzUwxd5vhMJ25xgAqocJwH8OivWVXuMs"
+    "cu7D4PFXkwlvnwpFYtTKY/6NBEYwFE56L06hJ1WaWYH3hQQNpQ2Jg/rLqPzWz7kJ5jW+UINxgsRR+yEsO8OiGueksQsOMGhSCpjb"
+    "c259O8y0CzmVqeqAG1IBGpWl5mw2LAemrRbN91yxDyNpcYnaouc5y24+YiVHuOOp9VxyY38mrYcc3TlRMaRI/DrZMfONdDSoArFy"
+    "bMF3jm+eE5YZlFiqSI4y67VViyF1J6M+v9pc60AkUTSwKGy6gW5f33VtDfE0LBIAf6O5VQk80iq6ubyYAOcLr0kipqd/65k+AWKC"
+    "ff9NOm1OAAAAAElFTkSuQmCC")
+
+
+def _positive_number(value, info) -> float | None:
+    # The one rule of server.params, reported as a pydantic error naming the field.
+    try:
+        return params.positive_number(value, info.field_name)
+    except errors.InvalidParameter as exc:
+        raise ValueError(exc.message) from None
+
+
+PositiveNumber = Annotated[float | None, BeforeValidator(_positive_number),
+                           Field(json_schema_extra={"exclusiveMinimum": 0, "maximum": params.MAX_NUMBER})]
 
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"image": EXAMPLE_IMAGE, "deadline_ms": 50}]})
     image: str = Field(description="The image file (PNG, JPEG, ...), base64-encoded.")
-    deadline_ms: PositiveInt | None = Field(None, description="Answer within this many milliseconds "
-                                                              "with the deepest exit that fits.")
+    deadline_ms: PositiveNumber = Field(None, description="Answer within this many milliseconds (from the "
+                                                          "request's arrival) with the deepest exit that fits.")
 
 
 class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"images": [EXAMPLE_IMAGE, EXAMPLE_IMAGE], "flops_budget": 2.0e7}]})
     images: list[str] = Field(min_length=1, description="Image files, base64-encoded.")
-    flops_budget: PositiveFloat | None = Field(None, description="Total FLOPs for the whole batch; default: "
-                                                                 "N x the controller's current target.")
+    flops_budget: PositiveNumber = Field(None, description="Total FLOPs for the whole batch; default: "
+                                                           "N x the controller's current target.")
 
 
 class TopK(BaseModel):
@@ -82,4 +106,5 @@ class BudgetState(BaseModel):
 
 class BudgetUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"target_flops": 8.0e6}]})
-    target_flops: PositiveFloat
+    target_flops: Annotated[float, BeforeValidator(_positive_number)] = Field(
+        description="Target mean FLOPs per /classify request.")

@@ -27,6 +27,14 @@ from .settings import Settings
 log = logging.getLogger("msdnet.service")
 
 
+def check_finite(f: Finished) -> None:
+    """Raises errors.NonFiniteOutput (422) when ``f`` holds no answer because the
+    network's logits were not finite."""
+    if f.outcome is Outcome.NON_FINITE:
+        raise errors.NonFiniteOutput(f"the network's output at exit {f.exit} is not finite (NaN or infinite) for "
+                                     "this input, so no class is given; check the input's value range", exit=f.exit)
+
+
 class Service:
     """Everything a request needs, created once in the app's lifespan."""
 
@@ -115,7 +123,7 @@ class Service:
             self.metrics.queue_depth.labels(block=str(b)).set(d)
 
     def _on_classify_done(self, task: Task, outcome: Outcome) -> None:
-        if outcome is Outcome.EXPIRED:
+        if outcome in (Outcome.EXPIRED, Outcome.NON_FINITE):  # nothing answered: nothing charged
             return
         flops = self.exit_flops[task.exits_done - 1]
         self.metrics.exits.labels(exit=str(task.exits_done)).inc()
@@ -128,6 +136,8 @@ class Service:
             self._export_budget()
 
     def _on_batch_done(self, task: Task, outcome: Outcome) -> None:
+        if outcome is Outcome.NON_FINITE:
+            return
         self.metrics.exits.labels(exit=str(task.exits_done)).inc()
         self.metrics.flops.labels(endpoint="/batch").inc(self.exit_flops[task.exits_done - 1])
 
@@ -165,6 +175,7 @@ class Service:
             self.metrics.deadline_requests.inc()
         (fut,) = self._submit([image], [self._classify_policy], [deadline], started, self._on_classify_done)
         f: Finished = await fut
+        check_finite(f)
         if f.outcome is Outcome.EXPIRED:
             self.metrics.deadline_misses.inc()
             raise errors.DeadlineExceeded(f"deadline of {deadline_ms:g} ms passed before exit 1 could run; "
@@ -237,7 +248,12 @@ class Service:
         if images:
             done = await self.batch_arrays(images, budget, started)
             for i, f in zip(index, done):
+                used += int(f.flops)  # spent even when the output is not finite
+                try:
+                    check_finite(f)
+                except errors.NonFiniteOutput as exc:
+                    results[i] = exc.body()
+                    continue
                 results[i] = self._result(f, started, None)
                 counts[str(f.exit)] += 1
-                used += int(f.flops)
         return {"results": results, "flops_used": used, "flops_budget": budget, "exit_counts": counts}

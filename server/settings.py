@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(256, ge=1, description="Images per /batch request.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Request body limit; more get 413.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Width x height limit per image; more get 413.")
+    receive_timeout_s: float = Field(30.0, gt=0, description="Time a client has to send a request's headers "
+                                     "(from connection open or the previous response) and, again, its body "
+                                     "(from the headers); past it: 408 and the connection is closed.")
+    max_pending_connections: int = Field(256, ge=1, description="Connections that may wait for their request "
+                                         "headers at once; more are closed at once (slow-client bound).")
     top_k: int = Field(5, ge=1)
     target_flops: float | None = Field(None, gt=0, description="Target mean FLOPs per /classify request; "
                                                                "default: the checkpoint's calibrated one.")

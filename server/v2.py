@@ -43,9 +43,6 @@ Errors: ``{"error": "<message>"}`` with the status ``/classify`` would use
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import functools
 import json
 import logging
 import struct
@@ -54,10 +51,13 @@ import time
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.routing import Match
 
 from . import errors
-from .app import _service
-from .service import Service
+from . import params as rules
+from .app import _service, arrival
+from .service import Service, check_finite
 
 log = logging.getLogger("msdnet.v2")
 
@@ -69,34 +69,11 @@ OUTPUTS = {"probabilities": "FP32", "label": "BYTES", "class_id": "INT64", "exit
 NUMPY = {"FP32": "<f4", "INT64": "<i8", "INT32": "<i4"}  # the protocol's binary layout is little-endian
 
 
-class NotFound(errors.ServiceError):
-    status, code = 404, "not_found"
-
-
-def _errors_as_v2(handler):
-    """Answer a ServiceError as the protocol's ``{"error": message}`` (the app's
-    global handler would give ``{"error": {"code", "message"}}``)."""
-
-    @functools.wraps(handler)
-    async def wrapper(request: Request, *args, **kwargs):
-        try:
-            return await handler(request, *args, **kwargs)
-        except errors.ServiceError as exc:
-            service = getattr(request.app.state, "service", None)
-            if service is not None and exc.reason:
-                service.metrics.rejected.labels(reason=exc.reason).inc()
-            if exc.status >= 500 and not isinstance(exc, errors.NotReady):
-                log.warning("%s: %s", exc.code, exc.message)
-            return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
-
-    return wrapper
-
-
 def _model(name: str, version: str | None = None) -> None:
     if name != MODEL_NAME:
-        raise NotFound(f"unknown model '{name}'; this server serves '{MODEL_NAME}'")
+        raise errors.NotFound(f"unknown model '{name}'; this server serves '{MODEL_NAME}'")
     if version is not None and version != MODEL_VERSION:
-        raise NotFound(f"model '{name}' has no version '{version}'; versions: ['{MODEL_VERSION}']")
+        raise errors.NotFound(f"model '{name}' has no version '{version}'; versions: ['{MODEL_VERSION}']")
 
 
 def _loaded(request: Request) -> Service:
@@ -114,20 +91,17 @@ VERSIONED = {"parameters": [{"name": "version", "in": "path", "required": True,
 
 
 @router.get("/v2/health/live", summary="v2: liveness")
-@_errors_as_v2
 async def live(request: Request) -> dict:
     return {"live": True}
 
 
 @router.get("/v2/health/ready", summary="v2: readiness (model warmed up)")
-@_errors_as_v2
 async def ready(request: Request) -> dict:
     _service(request)
     return {"ready": True}
 
 
 @router.get("/v2", summary="v2: server metadata")
-@_errors_as_v2
 async def server_metadata(request: Request) -> dict:
     return {"name": request.app.title, "version": request.app.version, "extensions": EXTENSIONS}
 
@@ -151,7 +125,6 @@ def _metadata(service: Service) -> dict:
 
 @router.get("/v2/models/{name}", summary="v2: model metadata")
 @router.get("/v2/models/{name}/versions/{version}", summary="v2: model metadata (versioned)", openapi_extra=VERSIONED)
-@_errors_as_v2
 async def model_metadata(request: Request, name: str) -> dict:
     _model(name, request.path_params.get("version"))
     return _metadata(_loaded(request))
@@ -160,7 +133,6 @@ async def model_metadata(request: Request, name: str) -> dict:
 @router.get("/v2/models/{name}/ready", summary="v2: model readiness")
 @router.get("/v2/models/{name}/versions/{version}/ready", summary="v2: model readiness (versioned)",
             openapi_extra=VERSIONED)
-@_errors_as_v2
 async def model_ready(request: Request, name: str) -> dict:
     _model(name, request.path_params.get("version"))
     _service(request)
@@ -187,15 +159,6 @@ def _parse_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     if not isinstance(header, dict):
         raise errors.BadRequest("request header must be a JSON object")
     return header, body[split:]
-
-
-def _positive_param(params: dict, name: str) -> float | None:
-    v = params.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < float("inf"):
-        raise errors.InvalidParameter(f"parameter {name} must be a positive number, got {v!r}", field=name)
-    return float(v)
 
 
 def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
@@ -257,8 +220,7 @@ def _images(service: Service, inputs: list, tail: bytes) -> list[np.ndarray]:
     n = shape[0] if name == "image" else int(np.prod(shape))
     if n < 1:
         raise errors.BadRequest(f"input '{name}' holds no images (shape {shape})")
-    if n > service.settings.max_batch_images:
-        raise errors.TooLarge(f"{n} images; at most {service.settings.max_batch_images} per request")
+    rules.image_count(n, service.settings.max_batch_images)
     size = params.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size != len(tail):
@@ -280,7 +242,10 @@ def _images(service: Service, inputs: list, tail: bytes) -> list[np.ndarray]:
             flat = _flat(t["data"])
             if len(flat) != count or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat):
                 raise errors.BadRequest(f"input 'image': data must be {count} numbers for shape {shape}")
-            arr = np.asarray(flat, dtype=np.float32)
+            try:
+                arr = np.asarray(flat, dtype=np.float32)
+            except OverflowError:  # a JSON integer too large for any float
+                raise errors.BadRequest("input 'image' holds a number too large for FP32") from None
         if not np.isfinite(arr).all():
             raise errors.BadRequest("input 'image' holds NaN or infinite values")
         arr = arr.astype(np.float32).reshape(shape)
@@ -292,12 +257,7 @@ def _images(service: Service, inputs: list, tail: bytes) -> list[np.ndarray]:
         flat = _flat(t["data"])
         if len(flat) != n or not all(isinstance(v, str) for v in flat):
             raise errors.BadRequest(f"input 'image_bytes': data must be {n} base64 strings for shape {shape}")
-        files = []
-        for i, v in enumerate(flat):
-            try:
-                files.append(base64.b64decode(v, validate=True))
-            except (binascii.Error, ValueError) as exc:
-                raise errors.BadImage(f"image_bytes[{i}] is not valid base64: {exc}") from None
+        files = [rules.b64decode(v, f"image_bytes[{i}]") for i, v in enumerate(flat)]
     images = []
     for i, data in enumerate(files):
         try:
@@ -366,10 +326,9 @@ INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": 
 @router.post("/v2/models/{name}/infer", summary="v2: inference", openapi_extra=INFER_BODY)
 @router.post("/v2/models/{name}/versions/{version}/infer", summary="v2: inference (versioned)",
              openapi_extra={**INFER_BODY, **VERSIONED})
-@_errors_as_v2
 async def infer(request: Request, name: str) -> Response:
     """Classify N images; see the module docstring for tensors and parameters."""
-    started = time.monotonic()
+    started = arrival(request)
     _model(name, request.path_params.get("version"))
     service = _service(request)
     if request.headers.get("content-encoding", "identity").lower() != "identity":
@@ -378,8 +337,8 @@ async def infer(request: Request, name: str) -> Response:
     params = header.get("parameters") or {}
     if not isinstance(params, dict):
         raise errors.BadRequest("parameters must be a JSON object")
-    deadline_ms = _positive_param(params, "deadline_ms")
-    budget = _positive_param(params, "flops_budget")
+    deadline_ms = rules.positive_number(params.get("deadline_ms"), "deadline_ms")
+    budget = rules.positive_number(params.get("flops_budget"), "flops_budget")
     if deadline_ms is not None and budget is not None:
         raise errors.InvalidParameter("deadline_ms and flops_budget cannot be combined: a budgeted batch has "
                                       "no per-image deadline", field="deadline_ms")
@@ -388,6 +347,8 @@ async def infer(request: Request, name: str) -> Response:
 
     if budget is not None:
         done = await service.batch_arrays(images, budget, started)
+        for f in done:
+            check_finite(f)
     else:
         got = await asyncio.gather(*(service.classify_array(im, deadline_ms, started) for im in images),
                                    return_exceptions=True)  # let every image finish before answering
@@ -416,8 +377,19 @@ async def infer(request: Request, name: str) -> Response:
                     headers={"Inference-Header-Content-Length": str(len(head))})
 
 
-@router.api_route("/v2/{path:path}", methods=["GET", "POST"], include_in_schema=False)
-@_errors_as_v2
+@router.api_route("/v2/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                  include_in_schema=False)
 async def unknown(request: Request, path: str) -> dict:
-    """Anything else under /v2 (model config, statistics, repository...): 404 in the protocol's shape."""
-    raise NotFound(f"no such v2 endpoint: {request.method} /v2/{path}")
+    """Anything else under /v2: 405 with ``Allow`` when the path exists for other
+    methods, else 404 (model config, statistics, repository...), in the protocol's shape."""
+    allowed = set()
+    for route in request.app.routes:
+        if isinstance(route, APIRoute) and route.endpoint is not unknown:
+            match, _ = route.matches(request.scope)
+            if match is Match.PARTIAL:  # the path matches, the method does not
+                allowed |= route.methods
+    if allowed:
+        methods = ", ".join(sorted(allowed))
+        raise errors.MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}; allowed: {methods}",
+                                      headers={"Allow": methods})
+    raise errors.NotFound(f"no such v2 endpoint: {request.method} /v2/{path}")

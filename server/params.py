@@ -1,0 +1,99 @@
+"""One parsing rule per request parameter, whatever the route or encoding.
+
+``deadline_ms`` and ``flops_budget`` arrive as JSON numbers (``/classify``,
+``/batch``, v2 ``parameters``), multipart form fields or query strings; base64
+images arrive in JSON bodies and v2 ``BYTES`` tensors; the request id arrives in
+a header. Each has one function here, used by every route, so one input gets one
+answer everywhere.
+
+Rules:
+
+- a positive number is a finite float greater than 0 and at most
+  :data:`MAX_NUMBER`; a JSON integer too large for a float (``1`` followed by 400
+  zeros), ``1e309``, ``"Infinity"`` and ``NaN`` are refused with 422 naming the
+  field (never a 500, never echoed as ``null``); booleans are not numbers;
+- base64 is the standard alphabet with padding, validated (``binascii``);
+- a request id is 1 to 128 characters of ``[A-Za-z0-9._:-]``; anything else is
+  replaced by a generated id (never echoed or logged verbatim).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+import uuid
+
+from . import errors
+
+# Far above any real deadline (ms) or budget (FLOPs), far below float overflow.
+MAX_NUMBER = 1e30
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def positive_number(value, name: str) -> float | None:
+    """``value`` as a positive finite float; None or "" give None.
+
+    Accepts int, float and numeric strings (form fields, query strings).
+
+    Raises:
+        errors.InvalidParameter: (422, ``field=name``) for anything else: zero,
+            negatives, NaN, infinities, numbers beyond :data:`MAX_NUMBER`
+            (including integers too large for a float), booleans, other types.
+    """
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None
+    problem = f"{name} must be a positive finite number (at most {MAX_NUMBER:g}), got {_show(value)}"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise errors.InvalidParameter(problem, field=name)
+    try:
+        v = float(value)
+    except (ValueError, OverflowError):
+        raise errors.InvalidParameter(problem, field=name) from None
+    if not (math.isfinite(v) and 0 < v <= MAX_NUMBER):
+        raise errors.InvalidParameter(problem, field=name)
+    return v
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def b64decode(value, what: str) -> bytes:
+    """Decode standard base64 (validated).
+
+    Raises:
+        errors.BadImage: (400) naming ``what`` when ``value`` is not a string of
+            valid base64.
+    """
+    if not isinstance(value, str):
+        raise errors.BadImage(f"{what} must be a base64 string, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise errors.BadImage(f"{what} is not valid base64: {exc}") from exc
+
+
+def request_id(raw: bytes | None) -> str:
+    """The client's ``X-Request-ID`` when it is safe to echo and log, else a new one.
+
+    Safe: 1 to 128 characters of ``[A-Za-z0-9._:-]`` (bytes decoded as Latin-1,
+    so no header value can fail to decode).
+    """
+    if raw is not None:
+        text = raw.decode("latin-1")
+        if _REQUEST_ID.fullmatch(text):
+            return text
+    return uuid.uuid4().hex[:16]
+
+
+def image_count(n: int, limit: int) -> None:
+    """Refuse a request with more than ``limit`` images.
+
+    Raises:
+        errors.TooLarge: (413) when ``n > limit``.
+    """
+    if n > limit:
+        raise errors.TooLarge(f"{n} images; at most {limit} per request", max_images=limit)

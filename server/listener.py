@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
+import socket
+import stat
 import tempfile
 from pathlib import Path
 
@@ -26,41 +27,36 @@ class SharedListener(RuntimeError):
     """Another process of this server already serves on the same listening socket."""
 
 
-def _listening_inodes() -> set[str]:
-    listening = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6", "/proc/net/unix"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            cols = line.split()
-            if table.endswith("unix"):
-                if len(cols) >= 7 and cols[5] == "01" and cols[3] == "00010000":  # stream, listening
-                    listening.add(cols[6])
-            elif len(cols) >= 10 and cols[3] == "0A":  # TCP_LISTEN
-                listening.add(cols[9])
-    return listening
-
-
-def _own_socket_inodes() -> set[str]:
-    inodes = set()
+def _server_sockets() -> dict[str, int]:
+    """{inode: fd} of this process's bound, unconnected stream sockets: the
+    listening socket (under ``uvicorn --workers`` the parent binds it and the first
+    worker to serve calls ``listen()``, so it may not be listening yet)."""
+    found = {}
     try:
-        fds = os.listdir("/proc/self/fd")
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
     except OSError:
-        return inodes
+        return found
     for fd in fds:
         try:
-            m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"/proc/self/fd/{fd}"))
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            with socket.socket(fileno=os.dup(fd)) as s:
+                if s.type != socket.SOCK_STREAM or s.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                if s.getsockname()[1] == 0:
+                    continue  # not bound
+                try:
+                    s.getpeername()
+                    continue  # connected: a client or an accepted connection
+                except OSError:
+                    found[str(os.fstat(fd).st_ino)] = fd
         except OSError:
             continue
-        if m:
-            inodes.add(m.group(1))
-    return inodes
+    return found
 
 
 def claim() -> None:
-    """Lock each listening socket this process holds; call once at startup.
+    """Lock each server socket this process holds; call once at startup.
 
     A process started by ``msdnet serve`` binds its socket after startup and
     holds none here: nothing to claim.
@@ -68,7 +64,7 @@ def claim() -> None:
     Raises:
         SharedListener: another live process of this server holds the lock.
     """
-    for inode in sorted(_own_socket_inodes() & _listening_inodes()):
+    for inode in sorted(_server_sockets()):
         path = Path(tempfile.gettempdir()) / f"msdnet-listener-{inode}.lock"
         f = open(path, "w")  # noqa: SIM115 - kept open: the lock lives as long as the process
         try:

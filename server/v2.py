@@ -383,7 +383,7 @@ async def unknown(request: Request, path: str) -> dict:
     """Anything else under /v2: 405 with ``Allow`` when the path exists for other
     methods, else 404 (model config, statistics, repository...), in the protocol's shape."""
     allowed = set()
-    for route in request.app.routes:
+    for route in router.routes:
         if isinstance(route, APIRoute) and route.endpoint is not unknown:
             match, _ = route.matches(request.scope)
             if match is Match.PARTIAL:  # the path matches, the method does not

@@ -132,3 +132,13 @@ def test_budget_policy_never_overspends():
     assert sum(1 for _, o in done if o is Outcome.BUDGET) == 5
     with pytest.raises(ValueError, match="below"):
         BudgetPolicy(49.0, 5, (0.5, 0.5, 0.0), flops)
+
+
+def test_nan_confidence_leaves_as_non_finite_at_any_exit():
+    s = BlockScheduler(3, 4, 0.0, 16)
+    a, b = Task(arrival=0.0, policy=policy()), Task(arrival=0.0, policy=policy())
+    s.submit([a, b])
+    block, batch, _ = s.next_step(1.0)
+    finished = s.complete(block, batch, [float("nan"), 0.5], 0.01)
+    assert finished == [(a, Outcome.NON_FINITE)]
+    assert s.depth(1) == 1 and s.in_flight == 1

@@ -59,7 +59,16 @@ class Runner:
         max_batch_size, max_queue_delay_s, max_queue_size: scheduler settings.
         torch_threads: intra-op threads of the model thread.
         on_step: called after each step with (block 0-based, batch size, seconds, queue depths).
+
+    Attributes:
+        step_hook: test hook, None in production (one attribute test, no other
+            cost). When set, called on the model thread with (block 0-based, the
+            step's tasks) after the scheduler chose a step and before it runs, so
+            a test can hold a step (e.g. wait on a ``threading.Event`` it sets
+            later) without racing the CPU.
     """
+
+    step_hook: Callable[[int, list[Task]], None] | None = None
 
     def __init__(self, checkpoint: Checkpoint, *, max_batch_size: int, max_queue_delay_s: float,
                  max_queue_size: int, torch_threads: int,
@@ -153,6 +162,8 @@ class Runner:
             for task, outcome in finished:
                 self._finish(task, outcome)
             if batch:
+                if self.step_hook is not None:
+                    self.step_hook(block, batch)
                 try:
                     self._run(block, batch)
                 except Exception as exc:  # a failed step fails its images, not the thread

@@ -77,8 +77,8 @@ def test_command_is_clamped_to_the_curve_ends():
 def test_fleet_mode_steers_on_the_fleets_deficit_and_rate_weighted_bias():
     c = controller(horizon=10.0)
     c.observe(40.0)  # own deficit 15, bias 7.5
-    c.set_fleet(FleetView(deficit=100.0, bias_rate=2.0 * 5.0, rate=2.0), own_rate=1.0, horizon=20.0)
-    bias = (7.5 * 1.0 + 10.0) / 3.0
+    c.set_fleet(FleetView(deficit=100.0, bias_rate=2.0 * 5.0, rate=2.0), own_rate=4.0, horizon=20.0)
+    bias = (7.5 * 4.0 + 10.0) / 6.0  # request-rate-weighted: own 4/s, the others 2/s
     assert c.command == pytest.approx(25.0 - bias - (15.0 + 100.0) / 20.0)
     c.set_fleet(None)
     assert c.horizon == 10.0 and c.command == 16.0

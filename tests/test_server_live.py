@@ -111,7 +111,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_checkpoint, tmp_path
         t.start()
         wait_for((tmp_path / "held").exists, "the request to reach the model step")
         srv.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: "Shutting down" in srv.read_log(), "uvicorn to start its shutdown")
+        # Logged once uvicorn has stopped accepting and starts its graceful wait (after a fixed 0.1 s pause).
+        wait_for(lambda: "Waiting for connections to close" in srv.read_log(), "uvicorn's graceful wait")
         assert srv.proc.poll() is None  # still draining: the request is in flight
         (tmp_path / "release").touch()
         t.join(60)

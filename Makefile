@@ -3,7 +3,7 @@ PYTHON ?= python3
 CKPT ?= model/weights/fashion-mnist.pt
 PORT ?= 8000
 
-.PHONY: install install-system serve test test-all lint train calibrate evaluate e2e-full bench bench-smoke loadtest
+.PHONY: install install-system serve test test-all mutants lint train calibrate evaluate e2e-full bench bench-smoke loadtest
 
 install-system:  ## Debian packages: the data set, and Prometheus and Redis for the integration tests
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist prometheus redis-server
@@ -17,6 +17,9 @@ serve: install  ## set up and start the server on 127.0.0.1:$(PORT) with the shi
 
 test:  ## the test suite (tiny configs, real processes; a few minutes)
 	$(PYTHON) -m pytest -q
+
+mutants:  ## curated breaks of the code, each against the fast tests of its area: all must be killed (minutes)
+	$(PYTHON) -m tests.mutants --jobs 2
 
 lint:
 	ruff check .

@@ -37,6 +37,8 @@ def ready_client(checkpoint, **settings):
             if c.get("/readyz").status_code == 200:
                 break
             time.sleep(0.05)
+        else:
+            pytest.fail("server not ready after 15 s")
         yield c
 
 
@@ -201,21 +203,26 @@ def test_queue_full_is_503_with_retry_after(tiny_checkpoint):
 
 
 def test_metrics_count_exits_and_requests(client):
-    before = client.get("/metrics").text
-    client.post("/classify", json={"image": b64(png(9))})
-    text = client.get("/metrics").text
-
     def value(body, name):
         return sum(float(line.split()[-1]) for line in body.splitlines() if line.startswith(name))
 
+    before = client.get("/metrics").text
+    r = client.post("/classify", json={"image": b64(png(9))})
+    assert client.post("/classify", content=b"", headers={"content-type": "image/png"}).status_code == 400
+    text = client.get("/metrics").text
+    exit_label = f'msdnet_exits_total{{exit="{r.json()["exit"]}"}}'
+    assert value(text, exit_label) == value(before, exit_label) + 1
     assert value(text, "msdnet_exits_total") == value(before, "msdnet_exits_total") + 1
-    assert value(text, 'msdnet_requests_total{endpoint="/classify",status="200"}') >= 1
+    ok = 'msdnet_requests_total{endpoint="/classify",status="200"}'
+    assert value(text, ok) == value(before, ok) + 1
+    bad = 'msdnet_rejected_requests_total{reason="bad_request"}'
+    assert value(text, bad) == value(before, bad) + 1
+    samples = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
     for name in ("msdnet_request_duration_seconds_bucket", "msdnet_flops_total", "msdnet_request_flops_bucket",
                  "msdnet_target_flops_per_request", "msdnet_realised_flops_per_request", "msdnet_exit_threshold",
                  "msdnet_queue_depth", "msdnet_batch_size_bucket", "msdnet_deadline_misses_total",
-                 'msdnet_rejected_requests_total{reason="bad_request"}', "msdnet_model_info"):
-        assert name in text, name
-    assert value(text, 'msdnet_rejected_requests_total{reason="bad_request"}') >= 1
+                 "msdnet_rejected_requests_total", "msdnet_model_info"):
+        assert name in samples, name  # a sample line, not only its HELP text
 
 
 def test_openapi_documents_bodies_with_examples(client):

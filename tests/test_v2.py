@@ -1,5 +1,6 @@
 """Open Inference Protocol (v2) endpoints on a real server, through the real
-third-party client ``tritonclient.http``; answers checked against /classify and /batch."""
+third-party client ``tritonclient.http``; answers checked against an offline
+computation (the plain forward) and /batch."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import struct
 import httpx
 import numpy as np
 import pytest
+import torch
 import tritonclient.http as triton
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -70,14 +72,35 @@ def tensor(ckpt, files) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def reference(server, files) -> list[dict]:
-    """What POST /classify answers for each file."""
+def reference(ckpt, tensor) -> list[dict]:
+    """What the server must answer for each file, computed offline: the plain
+    full forward, each exit's temperature, the checkpoint's fixed thresholds
+    (first exit whose confidence reaches its threshold), lazy per-exit FLOPs."""
+    cal = ckpt.calibration
+    with torch.no_grad():
+        logits = torch.stack(ckpt.model.eval()(torch.from_numpy(tensor)))  # (K, N, classes)
+    temps = torch.tensor(cal["temperatures"], dtype=torch.float64).view(-1, 1, 1)
+    probs = torch.softmax(logits.double() / temps, dim=2).numpy()
+    flops = ckpt.exit_flops(lazy=True)
     out = []
-    for f in files:
+    for i in range(tensor.shape[0]):
+        k = next(k for k in range(len(flops)) if k == len(flops) - 1 or probs[k, i].max() >= cal["thresholds"][k])
+        p = probs[k, i]
+        order = np.argsort(-p)[:5]
+        out.append({"class_id": int(order[0]), "label": ckpt.classes[order[0]], "exit": k + 1, "flops": flops[k],
+                    "confidence": float(p.max()),
+                    "top_k": [{"class_id": int(c), "probability": float(p[c])} for c in order]})
+    return out
+
+
+def test_classify_matches_the_offline_reference(server, files, reference):
+    for f, ref in zip(files, reference, strict=True):
         r = httpx.post(server.url + "/classify", json={"image": base64.b64encode(f).decode()}, timeout=30)
         assert r.status_code == 200, r.text
-        out.append(r.json())
-    return out
+        got = r.json()
+        assert (got["class_id"], got["label"], got["exit"], got["flops"]) == (
+            ref["class_id"], ref["label"], ref["exit"], ref["flops"])
+        assert got["confidence"] == pytest.approx(ref["confidence"], abs=1e-5)
 
 
 def fp32_input(arr: np.ndarray, binary: bool = True) -> triton.InferInput:

@@ -78,7 +78,8 @@ def cmd_calibrate(args) -> int:
     from .evaluate import calibrate
 
     ck = ckpt.load(args.checkpoint)
-    cal = calibrate(ck, args.data_dir, target_flops=args.target_flops, max_drop=args.max_drop / 100)
+    cal = calibrate(ck, args.data_dir, target_flops=args.target_flops, max_drop=args.max_drop / 100,
+                    data=args.data, split=args.split)
     ck.save(args.out or args.checkpoint)
     temps = ", ".join(f"{t:.3f}" for t in cal["temperatures"])
     ths = ", ".join(f"{t:.4f}" for t in cal["thresholds"])
@@ -93,7 +94,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, plot
 
     ck = ckpt.load(args.checkpoint)
-    result = evaluate(ck, args.data_dir, latency_repeats=args.latency_repeats)
+    result = evaluate(ck, args.data_dir, latency_repeats=args.latency_repeats, data=args.data, split=args.split)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -201,6 +202,9 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("calibrate", help="per-exit temperatures and budgeted-batch thresholds (validation split)")
     p.add_argument("--checkpoint", default=str(ckpt.DEFAULT_CHECKPOINT))
+    p.add_argument("--data", choices=DATASETS, help="default: the checkpoint's data set; 'folder': your images "
+                   "in DATA_DIR/SPLIT/<class>/*.jpg|png, through the checkpoint's preprocessing")
+    p.add_argument("--split", default="val", help="folder split to calibrate on (default val)")
     p.add_argument("--data-dir")
     p.add_argument("--target-flops", type=float, help="mean FLOPs per image the default thresholds may spend "
                    "(multiply-accumulates); default: cheapest point within --max-drop of the last exit")
@@ -210,8 +214,9 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("evaluate", help="anytime table and budgeted-batch curve on the test split")
     p.add_argument("--checkpoint", default=str(ckpt.DEFAULT_CHECKPOINT))
-    p.add_argument("--data", choices=DATASETS, default="fashion-mnist",
-                   help="must match the checkpoint's data set")
+    p.add_argument("--data", choices=DATASETS, help="default: the checkpoint's data set; 'folder': your "
+                   "images in DATA_DIR/SPLIT/<class>/*")
+    p.add_argument("--split", default="test", help="folder split to evaluate on (default test)")
     p.add_argument("--data-dir")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="plot accuracy against FLOPs")

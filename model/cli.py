@@ -40,11 +40,13 @@ def cmd_info(args) -> int:
     costs = exit_costs(MSDNet(cfg))
     rows = [{"exit": c.exit, "flops": c.flops, "flops_lazy": c.flops_lazy,
              "flops_official": c.flops_official, "params": c.params} for c in costs]
-    contract = ckpt.load(args.checkpoint).contract if getattr(args, "checkpoint", None) else None
+    loaded = ckpt.load(args.checkpoint) if getattr(args, "checkpoint", None) else None
+    contract = loaded.contract if loaded is not None else None
     if args.json:
         out = {"unit": "multiply-accumulates of convs and linears, cumulative, batch 1", "exits": rows}
-        if contract is not None:
+        if loaded is not None:
             out["transforms"] = contract.to_transforms()
+            out["classes"] = loaded.classes
         print(json.dumps(out, indent=2))
         return 0
     if contract is not None:

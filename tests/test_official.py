@@ -369,3 +369,16 @@ def test_calibrate_evaluate_and_serve_imported_model(tmp_path):
         outs = {o["name"]: o["data"] for o in inf["outputs"]}
         assert outs["class_id"] == [got["class_id"]] and outs["exit"] == [got["exit"]]
         assert np.allclose(outs["probabilities"], probs[k], atol=1e-4)
+
+        # The fixture's input through the server: probabilities at the exit taken
+        # equal softmax(official logits / T) of that exit.
+        x = torch.load(REF / "cifar-tiny/input.pt", weights_only=True)
+        ref = torch.load(REF / "cifar-tiny/logits.pt", weights_only=True)
+        inf = httpx.post(srv.url + "/v2/models/msdnet/infer", json={"inputs": [
+            {"name": "image", "datatype": "FP32", "shape": list(x.shape), "data": x.flatten().tolist()}]},
+            timeout=60).json()
+        outs = {o["name"]: o["data"] for o in inf["outputs"]}
+        p = np.asarray(outs["probabilities"]).reshape(4, 10)
+        for i, e in enumerate(outs["exit"]):
+            want = torch.softmax(ref[e - 1, i] / cal["temperatures"][e - 1], 0).numpy()
+            assert np.abs(p[i] - want).max() < 1e-5

@@ -7,8 +7,10 @@ A plain dict of strings, numbers, lists and tensors, so it loads with
 - ``config``: :class:`~model.config.MSDNetConfig` fields.
 - ``state_dict``: the weights.
 - ``classes``: class names, indexed by label.
-- ``transforms``: ``image_size``, ``channels``, ``mean``, ``std`` (pixel values in
-  [0, 1]), ``resize`` (the Pillow filter).
+- ``transforms``: the input contract (:class:`model.transforms.InputContract`):
+  ``channels``, ``resize_rule``, ``resize_size``, ``interpolation``, ``crop_size``,
+  ``mean``, ``std`` (pixel values in [0, 1]), ``background``; plus ``image_size``
+  and ``resize`` (the Pillow filter), the only fields of older checkpoints.
 - ``costs``: per exit, cumulative ``flops`` and ``flops_lazy`` (multiply-accumulates
   of convs and linears at batch 1, as the MSDNet paper counts them) and ``params``.
 - ``validation``: the data set, ``seed`` and ``size`` of the held-out split.
@@ -27,6 +29,7 @@ import torch
 from .config import MSDNetConfig
 from .costs import ExitCost, exit_costs
 from .network import MSDNet
+from .transforms import InputContract
 
 FORMAT = "msdnet-serve-checkpoint"
 VERSION = 1
@@ -56,6 +59,11 @@ class Checkpoint:
     @property
     def transforms(self) -> dict:
         return self.meta["transforms"]
+
+    @property
+    def contract(self) -> InputContract:
+        """The input contract (defaults for fields an older checkpoint lacks)."""
+        return InputContract.from_transforms(self.meta["transforms"])
 
     @property
     def calibration(self) -> dict | None:
@@ -88,8 +96,8 @@ def build(model: MSDNet, classes: list[str], mean: list[float], std: list[float]
         "format": FORMAT, "version": VERSION,
         "config": cfg.to_dict(),
         "classes": list(classes),
-        "transforms": {"image_size": cfg.image_size, "channels": cfg.in_channels,
-                       "mean": list(mean), "std": list(std), "resize": "bilinear"},
+        "transforms": InputContract(cfg.in_channels, "exact", cfg.image_size, "bilinear", None,
+                                    tuple(mean), tuple(std)).validate().to_transforms(),
         "costs": costs_table(exit_costs(model)),
         "validation": validation,
         "calibration": calibration,
@@ -134,6 +142,14 @@ def load(path: str | Path = DEFAULT_CHECKPOINT) -> Checkpoint:
     if len(data["classes"]) != cfg.num_classes or len(data["costs"]) != cfg.n_blocks:
         raise CheckpointError(f"{path}: {len(data['classes'])} class names and {len(data['costs'])} exit costs "
                               f"for a config of {cfg.num_classes} classes and {cfg.n_blocks} exits")
+    try:
+        contract = InputContract.from_transforms(data["transforms"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} holds bad transforms: {exc}") from exc
+    if contract.image_size != cfg.image_size or contract.channels != cfg.in_channels:
+        raise CheckpointError(f"{path}: transforms give {contract.channels}x{contract.image_size}x"
+                              f"{contract.image_size} inputs, the network takes {cfg.in_channels}x"
+                              f"{cfg.image_size}x{cfg.image_size}")
     cal = data.get("calibration")
     if cal is not None and (len(cal.get("temperatures", [])) != cfg.n_blocks
                             or len(cal.get("thresholds", [])) != cfg.n_blocks):

@@ -1,4 +1,4 @@
-"""``msdnet`` sub-commands for the model: info, train, calibrate, evaluate.
+"""``msdnet`` sub-commands for the model: info, train, calibrate, evaluate, import-official.
 
 The console script itself lives in :mod:`server.cli`, which adds ``serve``;
 ``python -m model.cli`` runs these without the server installed.
@@ -13,6 +13,7 @@ import sys
 from . import checkpoint as ckpt
 from .config import PRESETS, MSDNetConfig, preset
 from .data import DATASETS, DataError
+from .official import OfficialImportError
 
 
 def _config_from(args) -> MSDNetConfig:
@@ -39,10 +40,17 @@ def cmd_info(args) -> int:
     costs = exit_costs(MSDNet(cfg))
     rows = [{"exit": c.exit, "flops": c.flops, "flops_lazy": c.flops_lazy,
              "flops_official": c.flops_official, "params": c.params} for c in costs]
+    loaded = ckpt.load(args.checkpoint) if getattr(args, "checkpoint", None) else None
+    contract = loaded.contract if loaded is not None else None
     if args.json:
-        print(json.dumps({"unit": "multiply-accumulates of convs and linears, cumulative, batch 1",
-                          "exits": rows}, indent=2))
+        out = {"unit": "multiply-accumulates of convs and linears, cumulative, batch 1", "exits": rows}
+        if loaded is not None:
+            out["transforms"] = contract.to_transforms()
+            out["classes"] = loaded.classes
+        print(json.dumps(out, indent=2))
         return 0
+    if contract is not None:
+        print(f"Input: {contract.describe()}")
     print("Per-exit cumulative cost at batch size 1. FLOPs = multiply-accumulates of convs and linears")
     print("(MSDNet paper); 'lazy' defers finer-scale work that only later exits need (paper §4);")
     print("'official' adds ReLU/pooling/bias ops as the official MSDNet counter does.")
@@ -72,7 +80,8 @@ def cmd_calibrate(args) -> int:
     from .evaluate import calibrate
 
     ck = ckpt.load(args.checkpoint)
-    cal = calibrate(ck, args.data_dir, target_flops=args.target_flops, max_drop=args.max_drop / 100)
+    cal = calibrate(ck, args.data_dir, target_flops=args.target_flops, max_drop=args.max_drop / 100,
+                    data=args.data, split=args.split)
     ck.save(args.out or args.checkpoint)
     temps = ", ".join(f"{t:.3f}" for t in cal["temperatures"])
     ths = ", ".join(f"{t:.4f}" for t in cal["thresholds"])
@@ -87,7 +96,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, plot
 
     ck = ckpt.load(args.checkpoint)
-    result = evaluate(ck, args.data_dir, latency_repeats=args.latency_repeats)
+    result = evaluate(ck, args.data_dir, latency_repeats=args.latency_repeats, data=args.data, split=args.split)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -108,12 +117,67 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _contract_from(args):
+    """The input contract of import-official: the official loader's for --data,
+    with any option given on the command line replacing its field."""
+    import dataclasses
+
+    from .official import OFFICIAL_TRANSFORMS, parse_official_args
+
+    base = OFFICIAL_TRANSFORMS[parse_official_args(args.official_args).data]
+    changes = {"resize_rule": args.resize_rule, "resize_size": args.resize_size,
+               "interpolation": args.interpolation, "background": args.background,
+               "mean": tuple(args.mean) if args.mean else None, "std": tuple(args.std) if args.std else None}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if args.crop_size is not None:
+        changes["crop_size"] = args.crop_size or None
+    return dataclasses.replace(base, **changes).validate()
+
+
+def cmd_import_official(args) -> int:
+    from pathlib import Path
+
+    from .official import import_official
+    from .train import shell_command
+
+    classes = None
+    if args.classes:
+        classes = [ln.strip() for ln in Path(args.classes).read_text().splitlines() if ln.strip()]
+    ck = import_official(args.checkpoint, args.official_args, classes=classes, contract=_contract_from(args),
+                         command=shell_command(sys.argv[1:]))
+    ck.save(args.out)
+    flops = ", ".join(f"{c['flops'] / 1e6:.3f}" for c in ck.meta["costs"])
+    print(f"imported {args.checkpoint}: {ck.config.n_blocks} exits, {ck.config.num_classes} classes, "
+          f"MFLOPs per exit {flops} (conv + linear multiply-accumulates, cumulative)")
+    print(f"input: {ck.contract.describe()}")
+    print(f"wrote {args.out}; next: msdnet calibrate --checkpoint {args.out} --data folder --data-dir DIR")
+    return 0
+
+
 def add_commands(sub) -> None:
     """Register the model sub-commands on an ``argparse`` sub-parser set."""
     p = sub.add_parser("info", help="per-exit cumulative FLOPs and parameters")
     _add_config_source(p, with_checkpoint=True)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("import-official", help="convert a checkpoint of the official MSDNet-PyTorch code")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="main.py's checkpoint dict or a bare state_dict")
+    p.add_argument("--official-args", required=True, metavar="ARGS",
+                   help='the official training arguments, e.g. "--data cifar10 --nBlocks 7 --stepmode even '
+                        '--step 2 --base 4 --nChannels 16"')
+    p.add_argument("--out", required=True, metavar="OUT.pt", help="checkpoint of this project to write")
+    p.add_argument("--classes", metavar="FILE", help="class names, one per line (default: CIFAR names; "
+                   "class_0000.. for ImageNet)")
+    p.add_argument("--resize-rule", choices=["exact", "shorter"], help="default: the official loader's")
+    p.add_argument("--resize-size", type=int, help="pixels (default: 32 CIFAR, 256 ImageNet)")
+    p.add_argument("--crop-size", type=int, help="center crop in pixels, 0 for none (default: none CIFAR, "
+                   "224 ImageNet)")
+    p.add_argument("--interpolation", choices=["nearest", "bilinear", "bicubic", "lanczos"])
+    p.add_argument("--mean", type=float, nargs=3, help="per channel, pixel values in [0, 1]")
+    p.add_argument("--std", type=float, nargs=3)
+    p.add_argument("--background", type=int, help="grey level 0-255 for transparent pixels (default 0)")
+    p.set_defaults(func=cmd_import_official)
 
     p = sub.add_parser("train", help="train an MSDNet (sum of per-exit cross-entropies)")
     _add_config_source(p, with_checkpoint=False)
@@ -140,6 +204,9 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("calibrate", help="per-exit temperatures and budgeted-batch thresholds (validation split)")
     p.add_argument("--checkpoint", default=str(ckpt.DEFAULT_CHECKPOINT))
+    p.add_argument("--data", choices=DATASETS, help="default: the checkpoint's data set; 'folder': your images "
+                   "in DATA_DIR/SPLIT/<class>/*.jpg|png, through the checkpoint's preprocessing")
+    p.add_argument("--split", default="val", help="folder split to calibrate on (default val)")
     p.add_argument("--data-dir")
     p.add_argument("--target-flops", type=float, help="mean FLOPs per image the default thresholds may spend "
                    "(multiply-accumulates); default: cheapest point within --max-drop of the last exit")
@@ -149,8 +216,9 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("evaluate", help="anytime table and budgeted-batch curve on the test split")
     p.add_argument("--checkpoint", default=str(ckpt.DEFAULT_CHECKPOINT))
-    p.add_argument("--data", choices=DATASETS, default="fashion-mnist",
-                   help="must match the checkpoint's data set")
+    p.add_argument("--data", choices=DATASETS, help="default: the checkpoint's data set; 'folder': your "
+                   "images in DATA_DIR/SPLIT/<class>/*")
+    p.add_argument("--split", default="test", help="folder split to evaluate on (default test)")
     p.add_argument("--data-dir")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="plot accuracy against FLOPs")
@@ -163,7 +231,8 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ckpt.CheckpointError, DataError, ValueError, KeyError, FileNotFoundError) as exc:
+    except (ckpt.CheckpointError, DataError, OfficialImportError, ValueError, KeyError,
+            FileNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"msdnet {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -53,6 +53,9 @@ OFFICIAL_CONVENTION = {
     aten.relu: _relu_ops, aten.relu_: _relu_ops,
     aten.max_pool2d_with_indices: _pool_ops, aten.avg_pool2d: _pool_ops,
     aten._adaptive_avg_pool2d: _adaptive_pool_ops, aten.addmm: _addmm_ops,
+    # A global average pool (output 1x1) runs as aten.mean; the official
+    # AvgPool2d(2) on the head's 2x2 map counts the same 4 ops per channel.
+    aten.mean: _adaptive_pool_ops,
 }
 
 

@@ -127,32 +127,58 @@ def load_cifar(data_dir: str | Path, which: str = "cifar10", split: str = "train
     return ImageSet(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), classes)
 
 
-def load_folder(root: str | Path, split: str, image_size: int, channels: int) -> ImageSet:
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def load_folder(root: str | Path, split: str, image_size: int, channels: int, *, contract=None,
+                classes: list[str] | None = None, progress: bool = False) -> ImageSet:
     """An image-folder layout: ``root/<split>/<class name>/<image file>``.
 
-    Every image is converted to ``channels`` (1: "L", 3: "RGB") and resized to
-    ``image_size`` x ``image_size`` (bilinear). Classes are the sorted folder names.
+    Without ``contract``, every file is converted to ``channels`` (1: "L", 3: "RGB")
+    and resized to ``image_size`` x ``image_size`` (bilinear), and the classes are
+    the sorted folder names (training). With a :class:`model.transforms.InputContract`,
+    image files (PNG, JPEG, ... of any size and mode) go through the contract's
+    mode rule and geometry (:func:`model.transforms.geometry`, what the server
+    applies); with ``classes`` (a checkpoint's names) the folders must be exactly
+    those classes and labels index ``classes``. ``progress`` shows a tqdm bar.
+
+    Returns uint8 images (N, C, H, W).
 
     Raises:
-        DataError: when the split folder is missing or holds no images.
+        DataError: when the split folder is missing, holds no images, or its class
+            folders differ from ``classes`` (naming the missing and extra ones).
     """
     from PIL import Image
+    from tqdm import tqdm
 
     base = Path(root) / split
     if not base.is_dir():
-        raise DataError(f"image folder {base} not found (expected {root}/<train|test>/<class>/<images>)")
-    classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+        raise DataError(f"image folder {base} not found (expected {root}/{split}/<class>/<images>)")
+    found = sorted(p.name for p in base.iterdir() if p.is_dir())
+    if classes is not None and set(found) != set(classes):
+        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+        raise DataError(f"the class folders of {base} do not match the checkpoint's {len(classes)} classes: "
+                        f"missing {missing[:10]}, not in the checkpoint {extra[:10]}; name one folder per "
+                        "class exactly as the checkpoint's class names (msdnet info --checkpoint FILE --json)")
+    names = list(classes) if classes is not None else found
+    files = [(path, label) for label, name in enumerate(names) if (base / name).is_dir()
+             for path in sorted((base / name).iterdir())
+             if contract is None or path.suffix.lower() in IMAGE_SUFFIXES]
     xs, ys = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((base / name).iterdir()):
-            with Image.open(path) as img:
+    for path, label in tqdm(files, desc=f"reading {base}", unit="img", disable=not progress):
+        with Image.open(path) as img:
+            if contract is not None:
+                from .transforms import geometry, to_contract_mode
+
+                xs.append(geometry(to_contract_mode(img, contract), contract))
+            else:
                 img = img.convert("L" if channels == 1 else "RGB").resize((image_size, image_size), Image.BILINEAR)
                 arr = np.asarray(img, dtype=np.uint8)
-            xs.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
-            ys.append(label)
+                xs.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+        ys.append(label)
     if not xs:
         raise DataError(f"image folder {base} holds no images")
-    return ImageSet(torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64), classes)
+    return ImageSet(torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64), names)
 
 
 def load(name: str, split: str, data_dir: str | None = None, image_size: int = 32, channels: int = 3) -> ImageSet:

@@ -31,8 +31,27 @@ def collect_logits(model, images: D.ImageSet, mean, std, batch_size: int = 500) 
     return torch.cat(chunks, dim=1)
 
 
-def validation_set(ck: ckpt.Checkpoint, data_dir: str | None = None) -> D.ImageSet:
-    """The validation split recorded in the checkpoint (data set, seed, size)."""
+def _from_folder(ck: ckpt.Checkpoint, data: str | None) -> bool:
+    return data == "folder" or (data is None and ck.meta["validation"].get("dataset") == "folder")
+
+
+def _folder(ck: ckpt.Checkpoint, data_dir: str | None, split: str) -> D.ImageSet:
+    """The user's class folder ``data_dir/split/<class>/*``, through the checkpoint's
+    input contract, classes checked against the checkpoint's."""
+    if data_dir is None:
+        raise D.DataError("folder data needs --data-dir (a folder of <split>/<class>/<images>)")
+    cfg = ck.config
+    return D.load_folder(data_dir, split, cfg.image_size, cfg.in_channels, contract=ck.contract,
+                         classes=ck.classes, progress=True)
+
+
+def validation_set(ck: ckpt.Checkpoint, data_dir: str | None = None, data: str | None = None,
+                   split: str = "val") -> D.ImageSet:
+    """Calibration images: the validation split recorded in the checkpoint (data
+    set, seed, size), or with ``data="folder"`` (or a checkpoint imported without
+    a data set) the user's folder ``data_dir/split/<class>/*``."""
+    if _from_folder(ck, data):
+        return _folder(ck, data_dir, split)
     v = ck.meta["validation"]
     cfg = ck.config
     full = D.load(v["dataset"], "train", data_dir, cfg.image_size, cfg.in_channels)
@@ -40,7 +59,12 @@ def validation_set(ck: ckpt.Checkpoint, data_dir: str | None = None) -> D.ImageS
     return full.subset(val_idx)
 
 
-def test_set(ck: ckpt.Checkpoint, data_dir: str | None = None) -> D.ImageSet:
+def test_set(ck: ckpt.Checkpoint, data_dir: str | None = None, data: str | None = None,
+             split: str = "test") -> D.ImageSet:
+    """Evaluation images: the recorded data set's test split, or the user's folder
+    ``data_dir/split/<class>/*`` (see :func:`validation_set`)."""
+    if _from_folder(ck, data):
+        return _folder(ck, data_dir, split)
     cfg = ck.config
     return D.load(ck.meta["validation"]["dataset"], "test", data_dir, cfg.image_size, cfg.in_channels)
 
@@ -54,16 +78,16 @@ def default_operating_point(curve: list[C.Operating], max_drop: float) -> C.Oper
 
 
 def calibrate(ck: ckpt.Checkpoint, data_dir: str | None = None, target_flops: float | None = None,
-              max_drop: float = 0.002) -> dict:
+              max_drop: float = 0.002, data: str | None = None, split: str = "val") -> dict:
     """Fit temperatures, build the budgeted curve and pick the default thresholds:
     those for ``target_flops`` (FLOPs per image) if given, else the cheapest point
     within ``max_drop`` of the last exit's validation top-1. Stores and returns
-    ``ck.meta["calibration"]``.
+    ``ck.meta["calibration"]``. Images: :func:`validation_set` (``data``, ``split``).
 
     Raises:
         ValueError: when ``target_flops`` is below the cheapest operating point.
     """
-    val = validation_set(ck, data_dir)
+    val = validation_set(ck, data_dir, data, split)
     t = ck.transforms
     logits = collect_logits(ck.model, val, t["mean"], t["std"])
     labels = val.labels
@@ -82,6 +106,8 @@ def calibrate(ck: ckpt.Checkpoint, data_dir: str | None = None, target_flops: fl
         "cost": "flops_lazy",
         "rule": (f"target {target_flops:.0f} FLOPs" if target_flops else
                  f"cheapest validation point within {max_drop * 100:.2f} points of the last exit"),
+        "images": {"source": f"{data_dir}/{split}" if _from_folder(ck, data) else ck.meta["validation"]["dataset"],
+                   "count": len(val)},
         "curve": [{"p": o.p, "thresholds": o.thresholds, "mean_flops": o.mean_flops, "top1": o.top1}
                   for o in C.pareto(curve)],
     }
@@ -103,7 +129,8 @@ def _latency_ms(model, x: Tensor, repeats: int) -> list[float]:
     return np.median(times, axis=0).tolist()
 
 
-def evaluate(ck: ckpt.Checkpoint, data_dir: str | None = None, latency_repeats: int = 20) -> dict:
+def evaluate(ck: ckpt.Checkpoint, data_dir: str | None = None, latency_repeats: int = 20,
+             data: str | None = None, split: str = "test") -> dict:
     """Anytime table and budgeted-batch curve on the test split.
 
     Returns ``{"anytime": [{"exit", "top1", "flops", "flops_lazy", "params",
@@ -116,7 +143,7 @@ def evaluate(ck: ckpt.Checkpoint, data_dir: str | None = None, latency_repeats: 
     cal = ck.calibration
     if cal is None:
         raise ValueError("checkpoint is not calibrated: run 'msdnet calibrate --checkpoint FILE' first")
-    test = test_set(ck, data_dir)
+    test = test_set(ck, data_dir, data, split)
     t = ck.transforms
     logits = collect_logits(ck.model, test, t["mean"], t["std"])
     labels = test.labels.numpy()

@@ -23,8 +23,9 @@ Mode rule (every Pillow mode the model can meet), to the model's channels:
 - to 1 channel: ITU-R 601-2 luma (``L = 0.299 R + 0.587 G + 0.114 B``);
   to 3 channels: grey is repeated.
 
-Then a bilinear resize to the model's square input (aspect ratio not kept) and
-``(x / 255 - mean) / std`` per channel.
+Then the checkpoint's input contract (``model/transforms.py``): its resize rule,
+filter and center crop, and ``(x / 255 - mean) / std`` per channel; the shipped
+model's is a bilinear resize to 28 x 28 (aspect ratio not kept).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model.transforms import InputContract, preprocess
 
 from .errors import BadImage, TooLarge, UnsupportedMedia
 
@@ -69,10 +72,12 @@ class InputSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     background: int = 0  # grey level transparent pixels become
+    contract: InputContract | None = None  # resize, crop, normalisation (model/transforms.py)
 
     @classmethod
     def from_transforms(cls, t: dict) -> InputSpec:
-        return cls(t["image_size"], t["channels"], tuple(t["mean"]), tuple(t["std"]), t.get("background", 0))
+        return cls(t["image_size"], t["channels"], tuple(t["mean"]), tuple(t["std"]), t.get("background", 0),
+                   InputContract.from_transforms(t))
 
 
 def _flatten_alpha(img: Image.Image, background: int) -> Image.Image:
@@ -157,12 +162,8 @@ def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
             img = _upright(img)
             img = _to_8bit(img, spec.background)
             img = img.convert("L" if spec.channels == 1 else "RGB")
-            if img.size != (spec.image_size, spec.image_size):
-                img = img.resize((spec.image_size, spec.image_size), Image.BILINEAR)
-            a = np.asarray(img, dtype=np.float32) / 255.0
+            contract = spec.contract or InputContract(spec.channels, "exact", spec.image_size, "bilinear", None,
+                                                      spec.mean, spec.std, spec.background)
+            return preprocess(img, contract)  # the checkpoint's resize, crop and normalisation
         except (OSError, SyntaxError, ValueError) as exc:
             raise BadImage(f"truncated or corrupt {img.format} image: {exc}", supported_formats=supported) from exc
-    a = a[None] if spec.channels == 1 else a.transpose(2, 0, 1)
-    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
-    return np.ascontiguousarray((a - mean) / std, dtype=np.float32)

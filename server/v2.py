@@ -119,8 +119,17 @@ def _metadata(service: Service) -> dict:
                        "mean": ",".join(f"{m:g}" for m in s.mean), "std": ",".join(f"{v:g}" for v in s.std),
                        "normalisation": "(pixel / 255 - mean) / std", "num_exits": service.num_exits,
                        "exit_flops": ",".join(str(int(f)) for f in service.exit_flops),
-                       "classes": ",".join(service.classes)},
+                       "classes": ",".join(service.classes), **_contract_parameters(s.contract)},
     }
+
+
+def _contract_parameters(contract) -> dict:
+    """The checkpoint's input contract (model/transforms.py) as v2 scalar parameters."""
+    if contract is None:
+        return {}
+    return {"resize_rule": contract.resize_rule, "resize_size": contract.resize_size,
+            "interpolation": contract.interpolation, "crop_size": contract.crop_size or 0,
+            "background": contract.background, "preprocessing": contract.describe()}
 
 
 @router.get("/v2/models/{name}", summary="v2: model metadata")

@@ -23,7 +23,9 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 # torch first, in its own layer: most of the image, and it changes less often than the code.
-# hadolint ignore=SC2086
+# Unquoted on purpose: TORCH_PIP_ARGS holds several options (hence SC2086, and
+# DL3013 mistaking it for an unpinned package).
+# hadolint ignore=SC2086,DL3013
 RUN pip install --no-cache-dir $TORCH_PIP_ARGS torch==2.13.0
 
 WORKDIR /src
@@ -41,10 +43,10 @@ COPY server ./server
 RUN pip install --no-cache-dir $PIP_ARGS . \
     && python -I -c "import model.checkpoint as c; assert c.DEFAULT_CHECKPOINT.is_file(), c.DEFAULT_CHECKPOINT" \
     && pip uninstall --yes pip setuptools \
-    && cd /opt/venv/lib/python3*/site-packages \
-    && rm -rf torch/include torch/test \
-    && find torch/bin -type f ! -name torch_shm_manager -delete \
-    && find . -depth -type d -name tests -exec rm -rf {} +
+    && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    && rm -rf "$site/torch/include" "$site/torch/test" \
+    && find "$site/torch/bin" -type f ! -name torch_shm_manager -delete \
+    && find "$site" -depth -type d -name tests -exec rm -rf {} +
 
 # --- final: the venv on a clean base, run as a non-root user -----------------
 FROM ${BASE_IMAGE}

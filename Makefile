@@ -3,10 +3,21 @@ PYTHON ?= python3
 CKPT ?= model/weights/fashion-mnist.pt
 PORT ?= 8000
 
-.PHONY: install install-system serve test test-all mutants lint train calibrate evaluate e2e-full bench bench-smoke loadtest
+.PHONY: install install-system install-image-system image-test serve test mutants lint train calibrate evaluate e2e-full bench bench-smoke
 
 install-system:  ## Debian packages: the data set, and Prometheus and Redis for the integration tests
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist prometheus redis-server
+
+# Debian's podman and what it needs on CI machines (tests/test_image.py; found on bookworm VMs).
+IMAGE_PACKAGES = podman runc uidmap fuse-overlayfs slirp4netns netavark aardvark-dns conmon \
+	containernetworking-plugins catatonit mmdebstrap
+
+install-image-system:  ## Debian packages for the image test: rootful podman and mmdebstrap
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(IMAGE_PACKAGES)
+
+image-test: install-image-system  ## build the Docker image with podman and run the README's docker lines against it
+	$(PYTHON) -m pytest -q -m image tests/test_image.py
+	@cat build/image/report.json
 
 install:  ## Python packages (torch pinned to the CPU build)
 	$(PYTHON) -m pip install -q torch==2.13.0

@@ -108,3 +108,86 @@ def metric_names(expr: str) -> set[str]:
             continue
         names.add(m.group(1))
     return names
+
+
+# --- KServe: the InferenceService schema from the KServe Python SDK's models -----------
+
+KSERVE_SDK = "kserve==0.21.0"
+KSERVE_WHEELS = ROOT / "build" / "kserve"
+
+
+def kserve_models() -> dict[str, dict[str, str]]:
+    """{model class: {JSON field: OpenAPI type}} of the KServe SDK's models
+    (``kserve/models/*.py``: each class's ``openapi_types`` and ``attribute_map``),
+    read from the SDK's wheel without installing it (its dependencies would pin
+    protobuf, psutil... below this project's). The wheel is fetched once with
+    ``pip download --no-deps`` into build/kserve; fails the test if it cannot be."""
+    import ast
+    import subprocess
+    import zipfile
+
+    wheels = sorted(KSERVE_WHEELS.glob("kserve-*.whl"))
+    if not wheels:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest",
+                            str(KSERVE_WHEELS), KSERVE_SDK], capture_output=True, text=True, timeout=300)
+        wheels = sorted(KSERVE_WHEELS.glob("kserve-*.whl"))
+        if not wheels:
+            pytest.fail(f"pip download {KSERVE_SDK} failed: {r.stderr[-2000:]}")
+    models = {}
+    with zipfile.ZipFile(wheels[-1]) as z:
+        for name in z.namelist():
+            if not re.fullmatch(r"kserve/models/v1\w+\.py", name):
+                continue
+            for node in ast.parse(z.read(name)).body:
+                if not isinstance(node, ast.ClassDef):
+                    continue
+                found = {}
+                for stmt in node.body:
+                    if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name):
+                        if stmt.targets[0].id in ("openapi_types", "attribute_map"):
+                            found[stmt.targets[0].id] = ast.literal_eval(stmt.value)
+                if len(found) == 2:
+                    models[node.name] = {found["attribute_map"][k]: t for k, t in found["openapi_types"].items()}
+    return models
+
+
+def kubernetes_definitions(version: str) -> dict:
+    """Kubernetes' OpenAPI definitions (strict: no unknown fields), from kubernetes-validate."""
+    import kubernetes_validate
+
+    root = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    return json.loads((root / f"v{version}.0-local-strict" / "_definitions.json").read_text())
+
+
+def kserve_errors(doc, type_name: str, models: dict, k8s: dict, path: str = "") -> list[str]:
+    """Where ``doc`` breaks the SDK's schema for ``type_name``: unknown fields, wrong
+    types; Kubernetes' own types (V1Container, V1ObjectMeta, ...) are checked
+    against Kubernetes' strict JSON schema."""
+    import jsonschema
+
+    if m := re.fullmatch(r"list\[(.+)\]", type_name):
+        if not isinstance(doc, list):
+            return [f"{path}: expected a list"]
+        return [e for i, d in enumerate(doc) for e in kserve_errors(d, m.group(1), models, k8s, f"{path}[{i}]")]
+    if m := re.fullmatch(r"dict\(str, (.+)\)", type_name):
+        if not isinstance(doc, dict):
+            return [f"{path}: expected a map"]
+        return [e for k, d in doc.items() for e in kserve_errors(d, m.group(1), models, k8s, f"{path}.{k}")]
+    scalars = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object,
+               "ResourceQuantity": (str, int, float)}
+    if type_name in scalars:
+        ok = isinstance(doc, scalars[type_name]) and not (type_name == "int" and isinstance(doc, bool))
+        return [] if ok else [f"{path}: expected {type_name}, got {doc!r}"]
+    if type_name in models:
+        if not isinstance(doc, dict):
+            return [f"{path}: expected a {type_name} object"]
+        fields = models[type_name]
+        errors = [f"{path}.{k}: unknown field of {type_name}" for k in doc if k not in fields]
+        return errors + [e for k, d in doc.items() if k in fields
+                         for e in kserve_errors(d, fields[k], models, k8s, f"{path}.{k}")]
+    # A Kubernetes type: V1Container -> io.k8s.api.core.v1.Container (or meta/v1's, apps/v1's).
+    kind = re.fullmatch(r"(?:K8sIoApiAppsV1|V1)(\w+)", type_name).group(1)
+    prefixes = ("io.k8s.api.core.v1.", "io.k8s.apimachinery.pkg.apis.meta.v1.", "io.k8s.api.apps.v1.")
+    ref = next(p + kind for p in prefixes if p + kind in k8s["$defs"])
+    validator = jsonschema.Draft202012Validator({**k8s, "$ref": f"#/$defs/{ref}"})
+    return [f"{path}.{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]

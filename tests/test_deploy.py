@@ -26,6 +26,9 @@ from deploy_helpers import (
     ROOT,
     SERVER_METRICS,
     dashboard,
+    kserve_errors,
+    kserve_models,
+    kubernetes_definitions,
     metric_names,
     panels,
     queries,
@@ -76,13 +79,30 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
 
 
 def stages(text: str) -> list[list[tuple[str, str]]]:
-    """Instructions split into build stages, each starting with its FROM."""
+    """Instructions split into build stages, each starting with its FROM (the ARGs
+    before the first FROM are left out: see arg_defaults)."""
     result: list[list[tuple[str, str]]] = []
     for ins in dockerfile_instructions(text):
         if ins[0] == "FROM":
             result.append([])
-        result[-1].append(ins)
+        if result:
+            result[-1].append(ins)
     return result
+
+
+def arg_defaults(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    """ARG NAME=default -> {NAME: default}, quotes removed."""
+    out = {}
+    for instr, args in instructions:
+        if instr == "ARG" and "=" in args:
+            name, _, value = args.partition("=")
+            out[name] = value.strip('"')
+    return out
+
+
+def global_args() -> dict[str, str]:
+    ins = dockerfile_instructions((ROOT / "Dockerfile").read_text())
+    return arg_defaults(ins[:next(n for n, (i, _) in enumerate(ins) if i == "FROM")])
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +127,12 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path):
 
 
 def test_dockerfile_is_multi_stage_on_python_slim(docker_stages):
+    # The base is a build argument (tests/test_image.py builds on a local Debian base);
+    # by default, for users, python:3.11-slim.
     assert len(docker_stages) >= 2
     bases = [s[0][1].split()[0] for s in docker_stages]
-    assert all(b == "python:3.11-slim" for b in bases), bases
+    assert all(b == "${BASE_IMAGE}" for b in bases), bases
+    assert global_args()["BASE_IMAGE"] == "python:3.11-slim"
     builder = docker_stages[0][0][1].split()
     assert builder[1:2] == ["AS"] and len(builder) == 3, "first stage must be named (FROM ... AS builder)"
     copies = [a for i, a in docker_stages[-1] if i == "COPY"]
@@ -119,8 +142,9 @@ def test_dockerfile_is_multi_stage_on_python_slim(docker_stages):
 def test_dockerfile_installs_cpu_torch_then_the_project(docker_stages):
     runs = [a for i, a in docker_stages[0] if i == "RUN"]
     torch_at = next(n for n, a in enumerate(runs) if "torch==2.13.0" in a)
-    assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch_at]
-    project_at = next(n for n, a in enumerate(runs) if re.search(r"pip install( --?[\w-]+)* \.(\s|$)", a))
+    assert "$TORCH_PIP_ARGS" in runs[torch_at]
+    assert arg_defaults(docker_stages[0])["TORCH_PIP_ARGS"] == "--index-url https://download.pytorch.org/whl/cpu"
+    project_at = next(n for n, a in enumerate(runs) if re.search(r"pip install( --?[\w-]+| \$\w+)* \.(\s|$)", a))
     assert torch_at < project_at, "torch must come from the CPU index before `pip install .` resolves it"
     pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert "torch==2.13.0" in pins, "Dockerfile and pyproject.toml must pin the same torch"
@@ -608,3 +632,79 @@ def test_kustomize_builds():
     assert sorted((d["kind"], d["metadata"]["name"]) for d in built) == \
         sorted((d["kind"], d["metadata"]["name"]) for _, d in k8s_docs())
     assert all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "msdnet-serve" for d in built)
+
+
+# --- KServe ------------------------------------------------------------------------
+
+KSERVE = DEPLOY / "kserve" / "inferenceservice.yaml"
+
+
+def image_name() -> str:
+    """The image tests/test_image.py builds and runs: msdnet-serve:<project version>."""
+    return f"msdnet-serve:{tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['version']}"
+
+
+@pytest.fixture(scope="module")
+def isvc() -> dict:
+    return load_yaml(KSERVE)
+
+
+@pytest.fixture(scope="module")
+def kserve_schema() -> tuple[dict, dict]:
+    need("jsonschema", "jsonschema")
+    need("kubernetes_validate", "kubernetes-validate")
+    return kserve_models(), kubernetes_definitions(K8S_VERSION)
+
+
+def test_inferenceservice_matches_the_kserve_schema(isvc, kserve_schema):
+    # The KServe SDK's models (kserve/models/*.py) and, for Kubernetes' own types, Kubernetes' strict schema.
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    errors = kserve_errors(isvc, "V1beta1InferenceService", *kserve_schema)
+    assert not errors, errors
+
+
+def test_kserve_schema_rejects_mistakes(isvc, kserve_schema):
+    # Proves the check above has teeth: a typo in KServe's part, a wrong type, a typo in a container.
+    typo = copy.deepcopy(isvc)
+    typo["spec"]["predictor"]["minReplica"] = 1
+    wrong = copy.deepcopy(isvc)
+    wrong["spec"]["predictor"]["maxReplicas"] = "ten"
+    container_typo = copy.deepcopy(isvc)
+    container_typo["spec"]["predictor"]["containers"][0]["livenessprobe"] = {}
+    for bad, where in ((typo, "minReplica"), (wrong, "maxReplicas"), (container_typo, "livenessprobe")):
+        errors = kserve_errors(bad, "V1beta1InferenceService", *kserve_schema)
+        assert errors and where in " ".join(errors), errors
+
+
+def test_inferenceservice_is_a_custom_v2_predictor(isvc, docker_stages):
+    pred = isvc["spec"]["predictor"]
+    assert set(pred) >= {"containers", "minReplicas", "maxReplicas", "scaleMetric", "scaleTarget"}
+    assert 1 <= pred["minReplicas"] < pred["maxReplicas"] and pred["scaleMetric"] == "cpu"
+    [c] = pred["containers"]
+    assert c["name"] == "kserve-container" and c["image"] == image_name()
+    assert c["ports"] == [{"name": "http1", "containerPort": 8000, "protocol": "TCP"}]
+    # The paths and port the image test checked (HEALTHCHECK /healthz, /readyz on 8000).
+    assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8000}
+    assert c["resources"]["requests"] == c["resources"]["limits"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert set(env) <= settings(), set(env) - settings()
+    assert int(env["MSDNET_TORCH_THREADS"]) == cpu_cores(str(c["resources"]["limits"]["cpu"]))
+    pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert pred["terminationGracePeriodSeconds"] > float(pre_stop[1]) + float(env["MSDNET_DRAIN_TIMEOUT_S"])
+    user = [a for i, a in docker_stages[-1] if i == "USER"][-1].split(":")[0]
+    assert pred["securityContext"]["runAsNonRoot"] is True and pred["securityContext"]["runAsUser"] == int(user)
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]    # the tmpfs the image test gave it
+    ann = pred["annotations"]
+    assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/path"] == "/metrics"
+    assert int(ann["prometheus.io/port"]) == c["ports"][0]["containerPort"]
+
+
+def test_every_deployment_runs_the_image_the_image_test_builds(compose, isvc):
+    # tests/test_image.py builds `docker build -t msdnet-serve:<version>` from the README.
+    assert f"docker build -t {image_name()} ." in (ROOT / "README.md").read_text()
+    assert compose["services"]["server"]["image"] == image_name()
+    assert server_container()["image"] == image_name()
+    assert isvc["spec"]["predictor"]["containers"][0]["image"] == image_name()

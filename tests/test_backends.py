@@ -165,3 +165,19 @@ class _FakeOrt:
 
     sessions = [None] * 4
     lazy = True
+
+
+def test_runner_runs_blocks_on_the_chosen_backend(tiny_checkpoint):
+    from server.runner import Runner
+
+    ck = load(tiny_checkpoint)
+    runner = Runner(ck, max_batch_size=4, max_queue_delay_s=0.001, max_queue_size=8, torch_threads=1,
+                    backend="onnxruntime")
+    assert runner.backend.name == "onnxruntime"
+    calls = []
+    advance = runner.backend.advance
+    runner.backend.advance = lambda state: calls.append(state.batch_size) or advance(state)
+    runner._warmup(rounds=1)  # every block at batch 1 and at the max batch size, twice (one uncounted)
+    assert calls == [1] * (2 * ck.model.num_exits) + [4] * (2 * ck.model.num_exits)
+    assert Runner(ck, max_batch_size=4, max_queue_delay_s=0.001, max_queue_size=8,
+                  torch_threads=1).backend.name == "torch"

@@ -22,6 +22,7 @@ import torch
 from model.checkpoint import Checkpoint
 from model.network import MSDState
 
+from .backends import make_backend
 from .scheduler import BlockScheduler, LatencyModel, Outcome, Task
 
 log = logging.getLogger("msdnet.runner")
@@ -57,7 +58,9 @@ class Runner:
     Args:
         checkpoint: the loaded model and metadata.
         max_batch_size, max_queue_delay_s, max_queue_size: scheduler settings.
-        torch_threads: intra-op threads of the model thread.
+        torch_threads: intra-op threads of the model thread (and of ONNX Runtime's sessions).
+        backend: what runs a block step, ``torch`` (eager) or ``onnxruntime`` (``server.backends``;
+            exported and checked for parity here, so a mismatch stops the server from starting).
         on_step: called after each step with (block 0-based, batch size, seconds, queue depths).
 
     Attributes:
@@ -71,9 +74,10 @@ class Runner:
     step_hook: Callable[[int, list[Task]], None] | None = None
 
     def __init__(self, checkpoint: Checkpoint, *, max_batch_size: int, max_queue_delay_s: float,
-                 max_queue_size: int, torch_threads: int,
+                 max_queue_size: int, torch_threads: int, backend: str = "torch",
                  on_step: Callable[[int, int, float, list[int]], None] | None = None):
         self.model = checkpoint.model.eval()
+        self.backend = make_backend(backend, self.model, threads=torch_threads)
         cal = checkpoint.calibration or {}
         self.temperatures = list(cal.get("temperatures", [1.0] * self.model.num_exits))
         self.exit_flops = checkpoint.exit_flops(lazy=True)
@@ -144,7 +148,7 @@ class Runner:
                 state = self.model.start(x)
                 for k in range(self.num_exits):
                     t0 = time.perf_counter()
-                    _, state = self.model.advance(state)
+                    _, state = self.backend.advance(state)
                     if r > 0:  # the first round pays one-off costs
                         self.scheduler.latency.observe(k, n, time.perf_counter() - t0)
 
@@ -192,7 +196,7 @@ class Runner:
     def _run(self, block: int, batch: list[Task]) -> None:
         t0 = time.perf_counter()
         state = self._gather(block, batch)
-        logits, new_state = self.model.advance(state)
+        logits, new_state = self.backend.advance(state)
         probs = torch.softmax(logits.double() / self.temperatures[block], dim=1).numpy()
         seconds = time.perf_counter() - t0
         conf = probs.max(axis=1)

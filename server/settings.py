@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +32,9 @@ class Settings(BaseSettings):
                                         "Scale with replicas.")
     torch_threads: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)), ge=1,
                                description="torch intra-op threads of the model thread.")
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="What runs a block step: torch eager, or ONNX Runtime (one session per block, "
+                             "exported at start and checked against eager).")
     max_batch_size: int = Field(64, ge=1, le=1024, description="Images per block step.")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="Longest wait of block 1 to fill a batch.")
     max_queue_size: int = Field(1024, ge=1, description="Images held at once; more get 503.")

@@ -1,0 +1,183 @@
+"""Block backends (server.backends): the ONNX Runtime per-block engine against torch eager.
+
+Logits within 1e-5 (absolute) of eager's at every exit with lazy evaluation, at
+batch sizes 1, 3 and 64, on states that the runner builds by selecting rows and
+joining batches; the exported steps read and write exactly the eager step's
+tensors; export leaves the model (and so its FLOPs) unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from model.checkpoint import load  # noqa: E402
+from model.costs import exit_costs  # noqa: E402
+from model.network import MSDState  # noqa: E402
+from server.backends import PARITY_ATOL, BackendError, OrtBackend, make_backend, step_io  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load()
+
+
+@pytest.fixture(scope="module")
+def ort_backend(shipped, tmp_path_factory):
+    return OrtBackend(shipped.model, threads=1, cache_dir=tmp_path_factory.mktemp("onnx"))
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("n", [1, 3, 64])
+def test_logits_equal_eager_at_every_exit(shipped, ort_backend, n):
+    model = shipped.model
+    x = _images(n, seed=n)
+    with torch.inference_mode():
+        ref, mine = model.start(x, lazy=True), model.start(x, lazy=True)
+        for k in range(model.num_exits):
+            a, ref = model.advance(ref)
+            b, mine = ort_backend.advance(mine)
+            assert _close(a, b) <= PARITY_ATOL, f"exit {k + 1}"
+            # the state holds the same maps as eager's (lazy: the finer scales lag behind)
+            assert mine.exits_done == ref.exits_done == k + 1 and mine.lazy
+            assert sorted(mine.features) == sorted(ref.features)
+            for s in ref.features:
+                assert mine.features[s].shape == ref.features[s].shape
+                # maps: float32 rounding of a different conv algorithm, relative to the value
+                torch.testing.assert_close(mine.features[s], ref.features[s], rtol=1e-5, atol=1e-5)
+
+
+def test_selected_and_joined_states(shipped, ort_backend):
+    """The runner resumes exit k+1 from rows of several exit-k batches (select, then cat)."""
+    model = shipped.model
+    xa, xb = _images(5, seed=10), _images(3, seed=11)
+    with torch.inference_mode():
+        _, ea = model.advance(model.start(xa))
+        _, eb = model.advance(model.start(xb))
+        _, oa = ort_backend.advance(model.start(xa))
+        _, ob = ort_backend.advance(model.start(xb))
+        eager = MSDState.cat([ea.select([1, 3, 4]), eb])
+        mine = MSDState.cat([oa.select(torch.tensor([False, True, False, True, True])), ob])
+        direct = model.start(torch.cat([xa[[1, 3, 4]], xb]))  # the same images as one batch from the start
+        _, direct = model.advance(direct)
+        for k in range(1, model.num_exits):
+            a, eager = model.advance(eager)
+            b, mine = ort_backend.advance(mine)
+            d, direct = model.advance(direct)
+            assert b.shape == (6, 10)
+            assert _close(a, b) <= PARITY_ATOL, f"exit {k + 1}"
+            assert _close(d, b) <= PARITY_ATOL, f"exit {k + 1}"
+        # a state cut down to its last row still matches (batch 1 after a larger batch)
+        _, ea2 = model.advance(model.start(xa))
+        _, oa2 = ort_backend.advance(model.start(xa))
+        a, _ = model.advance(ea2.select([4]))
+        b, _ = ort_backend.advance(oa2.select([4]))
+        assert _close(a, b) <= PARITY_ATOL
+
+
+def test_ort_state_resumes_in_eager_and_back(shipped, ort_backend):
+    """Both backends share one state representation: either can continue the other's state."""
+    model = shipped.model
+    x = _images(4, seed=3)
+    with torch.inference_mode():
+        ref = model.start(x)
+        mixed = model.start(x)
+        for k in range(model.num_exits):
+            a, ref = model.advance(ref)
+            b, mixed = (ort_backend if k % 2 == 0 else model).advance(mixed)
+            assert _close(a, b) <= PARITY_ATOL
+
+
+def test_step_io_is_what_eager_reads_and_writes(shipped):
+    model = shipped.model
+    x = _images(2, seed=5)
+    with torch.inference_mode():
+        state = model.start(x)
+        for k in range(model.num_exits):
+            io_ = step_io(model, k, lazy=True)
+            # eager's step runs on a state holding only the maps it reads ...
+            only = MSDState({s: state.features[s] for s in io_.reads}, k, True)
+            logits_only, _ = model.advance(only)
+            for s in io_.reads:  # ... and on none of them fewer
+                fewer = MSDState({t: state.features[t] for t in io_.reads if t != s}, k, True)
+                with pytest.raises(KeyError):
+                    model.advance(fewer)
+            logits, new = model.advance(state)
+            assert torch.equal(logits, logits_only)
+            assert set(new.features) == set(io_.writes) | set(io_.carries)
+            for s in io_.carries:
+                assert new.features[s] is state.features[s]
+            for s in io_.writes:
+                assert s not in state.features or new.features[s] is not state.features[s]
+            state = new
+    # the shipped model's plan (lazy): exit 1 computes all scales of its stem; exit 4 only the coarsest two
+    assert step_io(model, 0, True).reads == (-1,)
+    assert step_io(model, 3, True).reads == (1, 2) and step_io(model, 3, True).writes == (2,)
+
+
+def test_export_leaves_model_and_flops_unchanged(shipped, tmp_path):
+    model = copy.deepcopy(shipped.model).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    backend = OrtBackend(model, threads=1, cache_dir=tmp_path)
+    assert not model.training and not any(m.training for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    costs = exit_costs(model)
+    assert [c.flops_lazy for c in costs] == shipped.exit_flops(lazy=True)
+    assert [c.flops for c in costs] == shipped.exit_flops(lazy=False)
+    assert backend.export_s > 0
+    again = OrtBackend(model, threads=1, cache_dir=tmp_path)  # cached next to the first export
+    assert again.export_s == 0.0
+    assert again.check_parity(batch_size=2, seed=7) <= PARITY_ATOL
+
+
+def test_parity_check_refuses_a_diverging_model(shipped, tmp_path):
+    model = copy.deepcopy(shipped.model).eval()
+    backend = OrtBackend(model, threads=1, cache_dir=tmp_path)
+    with torch.no_grad():
+        model.classifiers[2].linear.bias += 1e-3  # eager now differs at exit 3 only
+    with pytest.raises(BackendError, match="exit 3"):
+        backend.check_parity()
+
+
+def test_make_backend(shipped):
+    assert make_backend("torch", shipped.model).name == "torch"
+    with pytest.raises(ValueError, match="unknown backend"):
+        make_backend("tensorrt", shipped.model)
+    with pytest.raises(ValueError, match="lazy"):
+        OrtBackend.advance(_FakeOrt(), MSDState({-1: _images(1, 0)}, 0, False))
+
+
+class _FakeOrt:
+    """Just enough of an OrtBackend to reach its argument checks."""
+
+    sessions = [None] * 4
+    lazy = True
+
+
+def test_runner_runs_blocks_on_the_chosen_backend(tiny_checkpoint):
+    from server.runner import Runner
+
+    ck = load(tiny_checkpoint)
+    runner = Runner(ck, max_batch_size=4, max_queue_delay_s=0.001, max_queue_size=8, torch_threads=1,
+                    backend="onnxruntime")
+    assert runner.backend.name == "onnxruntime"
+    calls = []
+    advance = runner.backend.advance
+    runner.backend.advance = lambda state: calls.append(state.batch_size) or advance(state)
+    runner._warmup(rounds=1)  # every block at batch 1 and at the max batch size, twice (one uncounted)
+    assert calls == [1] * (2 * ck.model.num_exits) + [4] * (2 * ck.model.num_exits)
+    assert Runner(ck, max_batch_size=4, max_queue_delay_s=0.001, max_queue_size=8,
+                  torch_threads=1).backend.name == "torch"

@@ -5,8 +5,9 @@ PORT ?= 8000
 
 .PHONY: install install-system install-image-system image-test serve test mutants lint train calibrate evaluate e2e-full bench bench-smoke
 
-install-system:  ## Debian packages: the data set, and Prometheus and Redis for the integration tests
-	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist prometheus redis-server
+install-system:  ## Debian packages: the data set; Prometheus, Redis and Chromium (/docs) for the integration tests
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist prometheus redis-server \
+		chromium
 
 # Debian's podman and what it needs on CI machines (tests/test_image.py; found on bookworm VMs).
 IMAGE_PACKAGES = podman runc uidmap fuse-overlayfs slirp4netns netavark aardvark-dns conmon \

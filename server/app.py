@@ -11,12 +11,15 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import json
 import logging
 import time
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -27,14 +30,38 @@ from model.checkpoint import load as load_checkpoint
 from . import errors, listener, params
 from .logs import request_id
 from .protocol import TimedHTTPProtocol
-from .schemas import BatchRequest, BatchResult, BudgetState, BudgetUpdate, ClassifyRequest, ClassifyResult, ErrorBody
+from .schemas import (
+    BatchRequest,
+    BatchResult,
+    BudgetState,
+    BudgetUpdate,
+    ClassifyRequest,
+    ClassifyResult,
+    ErrorBody,
+    Readiness,
+    Status,
+)
 from .service import Service
 from .settings import Settings
 
 log = logging.getLogger("msdnet.http")
 
 ROUTE_LABELS = {"/classify", "/batch", "/budget", "/healthz", "/readyz", "/metrics"}
-ERROR_RESPONSES = {s: {"model": ErrorBody} for s in (400, 413, 415, 422, 503, 504)}
+ERROR_MEANING = {400: "Bad image data, bad base64 or a malformed body", 401: "Missing or wrong bearer token",
+                 403: "Budget changes are disabled", 404: "Unknown model, version or endpoint",
+                 408: "The request was not received in time",
+                 413: "Body, image count or image pixels over a limit", 415: "Unsupported content type or format",
+                 422: "Invalid parameter, budget below the minimum, or a non-finite network output",
+                 500: "Internal error", 503: "Model not ready, or the queue is full (with Retry-After)",
+                 504: "The deadline passed before exit 1 could run"}
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI ``responses`` for these error statuses, each with the error schema (and 500 always)."""
+    return {s: {"model": ErrorBody, "description": ERROR_MEANING[s]} for s in sorted({*statuses, 500})}
+
+
+IMAGE_ROUTE_ERRORS = error_responses(400, 408, 413, 415, 422, 503, 504)
 
 
 async def _json_body(request: Request, model):
@@ -64,26 +91,32 @@ def _service(request: Request) -> Service:
     return service
 
 
+_POSITIVE = {"type": "number", "exclusiveMinimum": 0, "maximum": params.MAX_NUMBER}
 MULTIPART_CLASSIFY = {"schema": {"type": "object", "required": ["file"], "properties": {
-    "file": {"type": "string", "format": "binary"}, "deadline_ms": {"type": "integer", "minimum": 1}}}}
+    "file": {"type": "string", "format": "binary"}, "deadline_ms": _POSITIVE}}}
 MULTIPART_BATCH = {"schema": {"type": "object", "required": ["files"], "properties": {
-    "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-    "flops_budget": {"type": "number", "exclusiveMinimum": 0}}}}
+    "files": {"type": "array", "items": {"type": "string", "format": "binary"}}, "flops_budget": _POSITIVE}}}
+RAW_IMAGE = {"schema": {"type": "string", "format": "binary"}}
 
 
-def _body_doc(json_model, multipart) -> dict:
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": json_model.model_json_schema(),
-                             "example": json_model.model_config["json_schema_extra"]["examples"][0]},
-        "multipart/form-data": multipart,
-        "image/*": {"schema": {"type": "string", "format": "binary"}}}}}
+def _body_doc(json_model, multipart, raw: bool) -> dict:
+    content = {"application/json": {"schema": json_model.model_json_schema(),
+                                    "example": json_model.model_config["json_schema_extra"]["examples"][0]},
+               "multipart/form-data": multipart}
+    if raw:  # /classify also takes the image file itself as the body
+        content |= {"image/*": RAW_IMAGE, "application/octet-stream": RAW_IMAGE}
+    doc = {"requestBody": {"required": True, "content": content}}
+    if raw:
+        doc["parameters"] = [{"name": "deadline_ms", "in": "query", "required": False, "schema": _POSITIVE,
+                              "description": "With a raw image body: the deadline in milliseconds."}]
+    return doc
 
 
 router = APIRouter()
 
 
-@router.post("/classify", response_model=ClassifyResult, responses=ERROR_RESPONSES,
-             openapi_extra=_body_doc(ClassifyRequest, MULTIPART_CLASSIFY),
+@router.post("/classify", response_model=ClassifyResult, responses=IMAGE_ROUTE_ERRORS,
+             openapi_extra=_body_doc(ClassifyRequest, MULTIPART_CLASSIFY, raw=True),
              summary="Anytime classification of one image")
 async def classify(request: Request) -> dict:
     """Leave at the first exit whose temperature-scaled confidence reaches its
@@ -111,8 +144,8 @@ async def classify(request: Request) -> dict:
     return await service.classify(data, deadline, started)
 
 
-@router.post("/batch", response_model=BatchResult, responses=ERROR_RESPONSES,
-             openapi_extra=_body_doc(BatchRequest, MULTIPART_BATCH),
+@router.post("/batch", response_model=BatchResult, responses=error_responses(400, 408, 413, 415, 422, 503),
+             openapi_extra=_body_doc(BatchRequest, MULTIPART_BATCH, raw=False),
              summary="Budgeted batch classification")
 async def batch(request: Request) -> dict:
     """Classify many images under one total FLOPs budget (paper §5.2); easy
@@ -145,13 +178,17 @@ async def batch(request: Request) -> dict:
     return await service.batch(items, budget, started)
 
 
-@router.get("/budget", response_model=BudgetState, summary="Budget controller state")
+@router.get("/budget", response_model=BudgetState, responses=error_responses(503),
+            summary="Budget controller state")
 async def get_budget(request: Request) -> dict:
     """Target and realised mean FLOPs per /classify request and the thresholds."""
     return _service(request).budget_state()
 
 
-@router.put("/budget", response_model=BudgetState, responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}},
+@router.put("/budget", response_model=BudgetState, responses=error_responses(401, 403, 408, 413, 422, 503),
+            openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                "schema": BudgetUpdate.model_json_schema(),
+                "example": BudgetUpdate.model_config["json_schema_extra"]["examples"][0]}}}},
             summary="Change the target mean FLOPs per request")
 async def put_budget(request: Request) -> dict:
     """Needs ``Authorization: Bearer <MSDNET_BUDGET_TOKEN>``; refused (403) when
@@ -173,18 +210,21 @@ async def put_budget(request: Request) -> dict:
     return service.budget_state()
 
 
-@router.get("/healthz", summary="Liveness")
+@router.get("/healthz", summary="Liveness", response_model=Status, responses=error_responses())
 async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: model loaded and warmed up", responses={503: {"model": ErrorBody}})
+@router.get("/readyz", summary="Readiness: model loaded and warmed up", response_model=Readiness,
+            responses=error_responses(503))
 async def readyz(request: Request) -> dict:
     service = _service(request)
     return {"status": "ready", "num_exits": service.num_exits}
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={
+    200: {"description": "Prometheus text exposition format",
+          "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}, **error_responses(503)})
 async def metrics(request: Request) -> Response:
     service = getattr(request.app.state, "service", None)
     if service is None:
@@ -314,6 +354,23 @@ _HTTP_ERRORS = {400: errors.BadRequest, 404: errors.NotFound, 405: errors.Method
                 413: errors.TooLarge}
 
 
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document without the 422 ``HTTPValidationError`` it adds to every
+    route with parameters: this server answers validation errors in its own
+    error shape, and each route documents the statuses it can return."""
+    if app.openapi_schema is None:
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in spec["paths"].values():
+            for op in path.values():
+                r422 = op.get("responses", {}).get("422", {})
+                if "HTTPValidationError" in json.dumps(r422):
+                    del op["responses"]["422"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            spec.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = spec
+    return app.openapi_schema
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI application. The lifespan loads the checkpoint, starts the
     model thread (``/readyz`` turns 200 after its warm-up) and stops it on exit.
@@ -345,10 +402,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 service.fleet.stop()
             await asyncio.to_thread(service.runner.stop, settings.drain_timeout_s)
 
-    app = FastAPI(title="msdnet-serve", version="0.1.0", lifespan=lifespan,
+    app = FastAPIOffline(title="msdnet-serve", version="0.1.0", lifespan=lifespan,
                   description="Image classification with MSDNet early exit: each image gets only the compute it "
                               "needs. FLOPs = multiply-accumulates of convs and linears (MSDNet paper convention).")
     app.include_router(router)
+    app.openapi = functools.partial(_openapi, app)
     with contextlib.suppress(ImportError):
         from .v2 import router as v2_router
 

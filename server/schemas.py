@@ -38,7 +38,7 @@ PositiveNumber = Annotated[float | None, BeforeValidator(_positive_number),
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"image": EXAMPLE_IMAGE, "deadline_ms": 50}]})
+        "examples": [{"image": EXAMPLE_IMAGE, "deadline_ms": 1000}]})
     image: str = Field(description="The image file (PNG, JPEG, ...), base64-encoded.")
     deadline_ms: PositiveNumber = Field(None, description="Answer within this many milliseconds (from the "
                                                           "request's arrival) with the deepest exit that fits.")
@@ -108,3 +108,12 @@ class BudgetUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"target_flops": 8.0e6}]})
     target_flops: Annotated[float, BeforeValidator(_positive_number)] = Field(
         description="Target mean FLOPs per /classify request.")
+
+
+class Status(BaseModel):
+    status: str = Field(description="'ok'.")
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="'ready'.")
+    num_exits: int

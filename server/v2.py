@@ -52,11 +52,13 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.routing import Match
 
 from . import errors
 from . import params as rules
-from .app import _service, arrival
+from .app import ERROR_MEANING, _service, arrival
+from .schemas import EXAMPLE_IMAGE
 from .service import Service, check_finite
 
 log = logging.getLogger("msdnet.v2")
@@ -84,24 +86,35 @@ def _loaded(request: Request) -> Service:
     return service
 
 
+class V2Error(BaseModel):
+    """The Open Inference Protocol's error body."""
+
+    error: str
+
+
+def v2_errors(*statuses: int) -> dict:
+    """OpenAPI ``responses`` for these statuses in the protocol's error shape (and 500 always)."""
+    return {s: {"model": V2Error, "description": ERROR_MEANING[s]} for s in sorted({*statuses, 500})}
+
+
 router = APIRouter(tags=["v2 (Open Inference Protocol)"])
 # The handlers read the version from path_params (one handler per route pair), so declare it for /docs.
 VERSIONED = {"parameters": [{"name": "version", "in": "path", "required": True,
                              "schema": {"type": "string", "enum": [MODEL_VERSION]}}]}
 
 
-@router.get("/v2/health/live", summary="v2: liveness")
+@router.get("/v2/health/live", summary="v2: liveness", responses=v2_errors())
 async def live(request: Request) -> dict:
     return {"live": True}
 
 
-@router.get("/v2/health/ready", summary="v2: readiness (model warmed up)")
+@router.get("/v2/health/ready", summary="v2: readiness (model warmed up)", responses=v2_errors(503))
 async def ready(request: Request) -> dict:
     _service(request)
     return {"ready": True}
 
 
-@router.get("/v2", summary="v2: server metadata")
+@router.get("/v2", summary="v2: server metadata", responses=v2_errors())
 async def server_metadata(request: Request) -> dict:
     return {"name": request.app.title, "version": request.app.version, "extensions": EXTENSIONS}
 
@@ -132,15 +145,17 @@ def _contract_parameters(contract) -> dict:
             "background": contract.background, "preprocessing": contract.describe()}
 
 
-@router.get("/v2/models/{name}", summary="v2: model metadata")
-@router.get("/v2/models/{name}/versions/{version}", summary="v2: model metadata (versioned)", openapi_extra=VERSIONED)
+@router.get("/v2/models/{name}", summary="v2: model metadata", responses=v2_errors(404, 503))
+@router.get("/v2/models/{name}/versions/{version}", summary="v2: model metadata (versioned)", openapi_extra=VERSIONED,
+            responses=v2_errors(404, 503))
 async def model_metadata(request: Request, name: str) -> dict:
     _model(name, request.path_params.get("version"))
     return _metadata(_loaded(request))
 
 
-@router.get("/v2/models/{name}/ready", summary="v2: model readiness")
+@router.get("/v2/models/{name}/ready", summary="v2: model readiness", responses=v2_errors(404, 503))
 @router.get("/v2/models/{name}/versions/{version}/ready", summary="v2: model readiness (versioned)",
+            responses=v2_errors(404, 503),
             openapi_extra=VERSIONED)
 async def model_ready(request: Request, name: str) -> dict:
     _model(name, request.path_params.get("version"))
@@ -324,17 +339,37 @@ def _tensor(name: str, array: np.ndarray | list[bytes], binary: bool) -> tuple[d
     return entry, raw
 
 
-INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": {"type": "object", "required": ["inputs"]},
-    "example": {"id": "42", "parameters": {"deadline_ms": 50},
-                "inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES",
-                            "data": ["iVBORw0KGgo... (base64 of a PNG)"]}],
-                "outputs": [{"name": "label"}, {"name": "exit"}, {"name": "flops"}]}}}}}
+_TENSOR = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+    "name": {"type": "string"}, "datatype": {"type": "string"},
+    "shape": {"type": "array", "items": {"type": "integer"}}, "parameters": {"type": "object"},
+    "data": {"type": "array"}}}
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {
+        "schema": {"type": "object", "required": ["inputs"], "properties": {
+            "id": {"type": "string"}, "parameters": {"type": "object"},
+            "inputs": {"type": "array", "items": _TENSOR}, "outputs": {"type": "array", "items": {"type": "object"}}}},
+        "example": {"id": "42", "parameters": {"deadline_ms": 1000},
+                    "inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": [EXAMPLE_IMAGE]}],
+                    "outputs": [{"name": "label"}, {"name": "exit"}, {"name": "flops"}]}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                 "description": "JSON header (Inference-Header-Content-Length bytes), then the "
+                                                "binary tensor data"}}}}
 
 
-@router.post("/v2/models/{name}/infer", summary="v2: inference", openapi_extra=INFER_BODY)
+INFER_RESPONSES = {200: {"description": "Inference response; application/octet-stream (JSON header, then binary "
+                         "tensors) when binary outputs were asked for",
+                         "content": {"application/json": {"schema": {"type": "object", "required": ["outputs"],
+                                                                     "properties": {"outputs": {
+                                                                         "type": "array", "items": _TENSOR}}}},
+                                     "application/octet-stream": {"schema": {"type": "string",
+                                                                             "format": "binary"}}}},
+                   **v2_errors(400, 404, 408, 413, 415, 422, 503, 504)}
+
+
+@router.post("/v2/models/{name}/infer", summary="v2: inference", openapi_extra=INFER_BODY,
+             response_class=Response, responses=INFER_RESPONSES)
 @router.post("/v2/models/{name}/versions/{version}/infer", summary="v2: inference (versioned)",
-             openapi_extra={**INFER_BODY, **VERSIONED})
+             openapi_extra={**INFER_BODY, **VERSIONED}, response_class=Response, responses=INFER_RESPONSES)
 async def infer(request: Request, name: str) -> Response:
     """Classify N images; see the module docstring for tensors and parameters."""
     started = arrival(request)

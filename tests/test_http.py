@@ -229,5 +229,5 @@ def test_openapi_documents_bodies_with_examples(client):
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data", "image/*"} <= set(body)
-    assert body["application/json"]["example"]["deadline_ms"] == 50
+    assert body["application/json"]["example"]["deadline_ms"] == 1000
     assert "flops_budget" in spec["paths"]["/batch"]["post"]["requestBody"]["content"]["application/json"]["example"]

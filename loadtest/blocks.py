@@ -3,9 +3,9 @@
 In one run, on the checkpoint (default: the shipped Fashion-MNIST model), for
 each intra-op thread count and batch size it times
 
-- torch eager per block: ``server.backends.TorchBackend`` (= ``MSDNet.advance``),
+- torch eager per block: ``server.engine.backends.TorchBackend`` (= ``MSDNet.advance``),
   exits 1..4 in turn from the images, lazy evaluation;
-- ONNX Runtime per block: ``server.backends.OrtBackend`` (one session per block
+- ONNX Runtime per block: ``server.engine.backends.OrtBackend`` (one session per block
   and its classifier), the same steps;
 - ONNX Runtime whole network: one session of ``MSDNet.forward`` (all exits, no
   early exit), as ``loadtest.bench`` part d measures it,
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import DEFAULT_CHECKPOINT, load
-from server.backends import OrtBackend, TorchBackend, session_options
+from server.engine.backends import OrtBackend, TorchBackend, session_options
 
 
 def _images(ck, n: int) -> torch.Tensor:

@@ -1,1 +1,1 @@
-"""msdnet-serve: the HTTP service around an MSDNet checkpoint (see server.app)."""
+"""msdnet-serve: the HTTP service around an MSDNet checkpoint (see server.http.app)."""

@@ -14,8 +14,8 @@ def cmd_serve(args) -> int:
     from pydantic import ValidationError
 
     from . import logs
-    from .app import create_app
-    from .protocol import TimedHTTPProtocol
+    from .http.app import create_app
+    from .http.protocol import TimedHTTPProtocol
     from .settings import Settings
 
     overrides = {k: v for k, v in {
@@ -56,7 +56,7 @@ def cmd_batch_eval(args) -> int:
     from model.checkpoint import load
     from model.evaluate import collect_logits, test_set
 
-    from .batch_eval import compare
+    from .budget.batch_eval import compare
 
     ck = load(args.checkpoint) if args.checkpoint else load()
     test = test_set(ck, args.data_dir)

@@ -1,6 +1,6 @@
 """The classification service: decode, submit to the runner, shape the answers.
 
-Between the HTTP layer (``server.app``), which only translates requests, and the
+Between the HTTP layer (``server.http``), which only translates requests, and the
 runner, which only executes. FLOPs are multiply-accumulates of convs and linears
 (MSDNet paper convention), cumulative per exit, with lazy evaluation.
 """
@@ -17,11 +17,11 @@ import numpy as np
 from model.checkpoint import Checkpoint
 
 from . import errors
-from .controller import BudgetController, OperatingPoint
+from .budget.controller import BudgetController, OperatingPoint
+from .engine.runner import Finished, Runner
+from .engine.scheduler import BudgetPolicy, Outcome, QueueFull, Task, ThresholdPolicy
 from .images import InputSpec, decode
 from .metrics import Metrics
-from .runner import Finished, Runner
-from .scheduler import BudgetPolicy, Outcome, QueueFull, Task, ThresholdPolicy
 from .settings import Settings
 
 log = logging.getLogger("msdnet.service")
@@ -60,7 +60,7 @@ class Service:
                              on_step=self._on_step)
         self._classify_policy = ThresholdPolicy(self.thresholds)
         self._lock = threading.Lock()  # the controller is used by the model, fleet and event-loop threads
-        self.fleet = None  # set by server.fleet when a Redis URL is configured
+        self.fleet = None  # set by server.budget.fleet when a Redis URL is configured
         m = self.metrics
         m.model.info({"checkpoint": str(checkpoint.path or ""), "num_exits": str(self.num_exits),
                       "classes": str(len(self.classes)), "image_size": str(self.spec.image_size),

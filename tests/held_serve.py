@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from server import cli
-from server.runner import Runner
+from server.engine.runner import Runner
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Block backends (server.backends): the ONNX Runtime per-block engine against torch eager.
+"""Block backends (server.engine.backends): the ONNX Runtime per-block engine against torch eager.
 
 Logits within 1e-5 (absolute) of eager's at every exit with lazy evaluation, at
 batch sizes 1, 3 and 64, on states that the runner builds by selecting rows and
@@ -18,7 +18,7 @@ pytest.importorskip("onnxruntime")
 from model.checkpoint import load  # noqa: E402
 from model.costs import exit_costs  # noqa: E402
 from model.network import MSDState  # noqa: E402
-from server.backends import PARITY_ATOL, BackendError, OrtBackend, make_backend, step_io  # noqa: E402
+from server.engine.backends import PARITY_ATOL, BackendError, OrtBackend, make_backend, step_io  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ class _FakeOrt:
 
 
 def test_runner_runs_blocks_on_the_chosen_backend(tiny_checkpoint):
-    from server.runner import Runner
+    from server.engine.runner import Runner
 
     ck = load(tiny_checkpoint)
     runner = Runner(ck, max_batch_size=4, max_queue_delay_s=0.001, max_queue_size=8, torch_threads=1,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from model.calibration import budgeted_curve, pareto
-from server.controller import BudgetController, OperatingPoint
+from server.budget.controller import BudgetController, OperatingPoint
 
 FLOPS = [4.8e6, 10.45e6, 16.2e6, 21.1e6]  # cumulative per exit, like the shipped model
 
@@ -95,7 +95,7 @@ def test_extreme_targets_use_the_curve_ends(curve):
 def test_fleet_mode_spends_where_images_are_harder(curve):
     """Three controllers exchange their figures every 30 requests each (as through
     Redis, with that delay); replica 0 sees hard images, 1 easy, 2 a mix."""
-    from server.controller import FleetView
+    from server.budget.controller import FleetView
 
     rng = np.random.default_rng(3)
     target, n = 10e6, 8000

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import redis
 
-from server.controller import FleetView
-from server.fleet import Fleet
+from server.budget.controller import FleetView
+from server.budget.fleet import Fleet
 from tests.live import free_port
 
 

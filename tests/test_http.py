@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from model.checkpoint import load
-from server.app import create_app
+from server.http.app import create_app
 from server.settings import Settings
 
 

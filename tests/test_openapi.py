@@ -20,7 +20,7 @@ import pytest
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from server.schemas import EXAMPLE_IMAGE
+from server.http.schemas import EXAMPLE_IMAGE
 from tests.live import LiveServer
 from tests.test_robustness import ready_client
 

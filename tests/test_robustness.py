@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from model.checkpoint import load
-from server.app import create_app
+from server.http.app import create_app
 from server.settings import Settings
 from tests.live import LiveServer, free_port
 
@@ -507,7 +507,7 @@ def test_every_log_line_is_json_even_from_libraries(live):
 def test_several_worker_processes_are_refused_in_the_app(tiny_checkpoint):
     port = free_port()
     env = {**LiveServer(tiny_checkpoint).env, "MSDNET_CHECKPOINT": str(tiny_checkpoint)}
-    out = subprocess.run([sys.executable, "-m", "uvicorn", "--factory", "server.app:create_app", "--workers", "2",
+    out = subprocess.run([sys.executable, "-m", "uvicorn", "--factory", "server.http.app:create_app", "--workers", "2",
                           "--host", "127.0.0.1", "--port", str(port)], env=env, capture_output=True, text=True,
                          timeout=240)
     # uvicorn stops the whole server when a worker fails its startup (its parent then exits 0).

@@ -7,7 +7,15 @@ import sys
 
 import pytest
 
-from server.scheduler import BlockScheduler, BudgetPolicy, LatencyModel, Outcome, QueueFull, Task, ThresholdPolicy
+from server.engine.scheduler import (
+    BlockScheduler,
+    BudgetPolicy,
+    LatencyModel,
+    Outcome,
+    QueueFull,
+    Task,
+    ThresholdPolicy,
+)
 
 
 def policy(thresholds=(0.9, 0.9, 0.0)):
@@ -15,7 +23,7 @@ def policy(thresholds=(0.9, 0.9, 0.0)):
 
 
 def test_imports_without_torch():
-    code = "import sys, server.scheduler, server.controller; assert 'torch' not in sys.modules"
+    code = "import sys, server.engine.scheduler, server.budget.controller; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

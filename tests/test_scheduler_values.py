@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from server.scheduler import BlockScheduler, BudgetPolicy, LatencyModel, Outcome, QueueFull, Task, ThresholdPolicy
+from server.engine.scheduler import (
+    BlockScheduler,
+    BudgetPolicy,
+    LatencyModel,
+    Outcome,
+    QueueFull,
+    Task,
+    ThresholdPolicy,
+)
 
 
 def test_a_confidence_equal_to_the_threshold_leaves():

@@ -30,8 +30,8 @@ from torch import nn
 
 from model.checkpoint import load
 from server import errors
-from server.app import create_app
-from server.scheduler import QueueFull
+from server.engine.scheduler import QueueFull
+from server.http.app import create_app
 from server.settings import Settings
 
 TEMPERATURES = [0.6, 1.7, 3.1]  # distinct, so an exit using another exit's temperature shows

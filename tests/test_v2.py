@@ -19,7 +19,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from model.checkpoint import load
-from server.app import create_app
+from server.http.app import create_app
 from server.images import InputSpec, decode
 from server.settings import Settings
 from tests.live import LiveServer

@@ -7,7 +7,7 @@ timer when a connection opens and after each response; if the request's headers
 are not complete when it fires, the client gets ``408`` (JSON, the service's
 error shape) and the connection is closed. At most ``max_pending`` connections
 may be waiting for their headers at once; a connection beyond that is closed at
-once. The body's own bound is in the HTTP middleware (``server.app``).
+once. The body's own bound is in the HTTP middleware (``server.http.middleware``).
 
 Both events are reported through :attr:`TimedHTTPProtocol.on_reject` (set by the
 app, which counts them in ``msdnet_rejected_requests_total{reason="timeout"}``

@@ -59,7 +59,7 @@ class Runner:
         checkpoint: the loaded model and metadata.
         max_batch_size, max_queue_delay_s, max_queue_size: scheduler settings.
         torch_threads: intra-op threads of the model thread (and of ONNX Runtime's sessions).
-        backend: what runs a block step, ``torch`` (eager) or ``onnxruntime`` (``server.backends``;
+        backend: what runs a block step, ``torch`` (eager) or ``onnxruntime`` (``server.engine.backends``;
             exported and checked for parity here, so a mismatch stops the server from starting).
         on_step: called after each step with (block 0-based, batch size, seconds, queue depths).
 

@@ -1,7 +1,7 @@
 """Offline check of budgeted batch classification (``POST /batch``) on a test split.
 
-Runs the server's own :class:`~server.scheduler.BudgetPolicy` through the real
-:class:`~server.scheduler.BlockScheduler` (a fake clock; each image's per-exit
+Runs the server's own :class:`~server.engine.BudgetPolicy` through the real
+:class:`~server.engine.BlockScheduler` (a fake clock; each image's per-exit
 confidences precomputed with the model, which is what the runner would compute)
 on consecutive batches of the test split, for a range of budgets, and compares
 with the paper's fixed-threshold method (thresholds from the validation split,
@@ -19,8 +19,8 @@ import numpy as np
 from model import calibration as C
 from model.checkpoint import Checkpoint
 
+from ..engine.scheduler import BlockScheduler, BudgetPolicy, Task
 from .controller import OperatingPoint, curve_with_ends
-from .scheduler import BlockScheduler, BudgetPolicy, Task
 
 
 def simulate_batch(conf: np.ndarray, budget: float, thresholds, exit_flops: list[float],

@@ -55,11 +55,11 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.routing import Match
 
-from . import errors
+from .. import errors
+from ..service import Service, check_finite
 from . import params as rules
 from .app import ERROR_MEANING, _service, arrival
 from .schemas import EXAMPLE_IMAGE
-from .service import Service, check_finite
 
 log = logging.getLogger("msdnet.v2")
 

@@ -1,7 +1,7 @@
 """Block-level scheduler: which images run which block next, and when they leave.
 
 Plain Python: no torch, no HTTP, no threads; the caller passes the clock. The
-runner (``server.runner``) asks :meth:`BlockScheduler.next_step` for a batch,
+runner (``server.engine.runner``) asks :meth:`BlockScheduler.next_step` for a batch,
 runs that block on it, and reports each image's confidence to
 :meth:`BlockScheduler.complete`, which sends it out or on to the next block.
 

@@ -27,8 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.checkpoint import load as load_checkpoint
 
-from . import errors, listener, params
-from .logs import request_id
+from .. import errors
+from ..logs import request_id
+from ..service import Service
+from ..settings import Settings
+from . import listener, params
 from .protocol import TimedHTTPProtocol
 from .schemas import (
     BatchRequest,
@@ -41,8 +44,6 @@ from .schemas import (
     Readiness,
     Status,
 )
-from .service import Service
-from .settings import Settings
 
 log = logging.getLogger("msdnet.http")
 
@@ -317,7 +318,7 @@ class RequestContext:
 
 
 def _count_slow_client(service: Service, what: str) -> None:
-    """A connection closed by :class:`server.protocol.TimedHTTPProtocol`."""
+    """A connection closed by :class:`server.http.protocol.TimedHTTPProtocol`."""
     service.metrics.rejected.labels(reason="timeout").inc()
     if what == "header_timeout":
         service.metrics.requests.labels(endpoint="other", status="408").inc()

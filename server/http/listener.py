@@ -2,7 +2,7 @@
 
 One process owns the model thread, the scheduler, the budget controller and the
 metrics registry. ``msdnet serve`` refuses ``--workers`` above 1, but
-``uvicorn --factory server.app:create_app --workers 2`` or gunicorn with several
+``uvicorn --factory server.http.app:create_app --workers 2`` or gunicorn with several
 workers would start the app in several processes sharing one listening socket:
 each would keep its own controller and metrics, and a scrape would see one
 process's counts. Those processes hold the same socket (the same inode), so the

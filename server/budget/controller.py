@@ -22,7 +22,7 @@ few hundred requests.
 
 Fleet, local mode: if every replica holds its own mean at the target, the
 fleet's mean, a request-weighted average of the replicas' means, is at the
-target too. Fleet mode (``server.fleet``, through Redis): every replica steers
+target too. Fleet mode (``server.budget.fleet``, through Redis): every replica steers
 on the fleet's deficit (the sum of all replicas' deficits) and the fleet's bias
 (the request-rate-weighted mean of their biases), so all replicas command about
 the same budget and thresholds; a replica with harder images then spends more

@@ -25,7 +25,7 @@ import math
 import re
 import uuid
 
-from . import errors
+from .. import errors
 
 # Far above any real deadline (ms) or budget (FLOPs), far below float overflow.
 MAX_NUMBER = 1e30

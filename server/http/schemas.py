@@ -11,7 +11,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from . import errors, params
+from .. import errors
+from . import params
 
 # A real 28 x 28 grey PNG (an ankle boot from the Fashion-MNIST test split), so
 # the examples in /docs work when sent.
@@ -25,7 +26,7 @@ EXAMPLE_IMAGE = (
 
 
 def _positive_number(value, info) -> float | None:
-    # The one rule of server.params, reported as a pydantic error naming the field.
+    # The one rule of server.http.params, reported as a pydantic error naming the field.
     try:
         return params.positive_number(value, info.field_name)
     except errors.InvalidParameter as exc:

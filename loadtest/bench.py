@@ -133,7 +133,7 @@ def offline_eval(ck, test) -> dict:
     from model.evaluate import collect_logits
 
     t = ck.transforms
-    logits = collect_logits(ck.model, test, t["mean"], t["std"])
+    logits = collect_logits(ck.model, test, t.mean, t.std)
     labels = test.labels.numpy()
     pred = logits.argmax(2).numpy()
     top1 = (pred == labels[None]).mean(axis=1)
@@ -364,7 +364,7 @@ def efficiency(ck, test, threads: int, plan: Plan) -> dict:
     out = {"threads": threads, "block_flops": block, "exit_flops": lazy, "full_flops": full_flops, "batches": {}}
     with torch.inference_mode():
         for b, reps in ((1, plan.eff_repeats_b1), (64, plan.eff_repeats_b64)):
-            x = normalise(test.images[:b], t["mean"], t["std"])
+            x = normalise(test.images[:b], t.mean, t.std)
             if x.shape[0] < b:
                 x = x.repeat(math.ceil(b / x.shape[0]), 1, 1, 1)[:b]
             times = np.zeros((reps, model.num_exits))

@@ -46,7 +46,7 @@ def _images(ck, n: int) -> torch.Tensor:
         from model.data import normalise
 
         test = load_test_set()
-        x = normalise(test.images[:n], ck.transforms["mean"], ck.transforms["std"])
+        x = normalise(test.images[:n], ck.transforms.mean, ck.transforms.std)
         if x.shape[0] == n:
             return x
     except Exception:  # no dataset on this machine: the timing does not depend on pixel values

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from model.checkpoint import DEFAULT_CHECKPOINT
 from model.checkpoint import load as load_checkpoint
 from server import errors
-from server.images import InputSpec, decode
+from server.images import decode
 
 MAX_PIXELS = 4096 * 4096
 
@@ -45,7 +45,7 @@ def create_app(checkpoint=DEFAULT_CHECKPOINT, torch_threads: int = 1) -> FastAPI
         ck = load_checkpoint(checkpoint)
         torch.set_num_threads(torch_threads)
         cal = ck.calibration or {}
-        state.update(model=ck.model.eval(), spec=InputSpec.from_transforms(ck.transforms), classes=ck.classes,
+        state.update(model=ck.model.eval(), spec=ck.transforms, classes=ck.classes,
                      temperature=float(cal.get("temperatures", [1.0] * ck.model.num_exits)[-1]),
                      flops=int(ck.exit_flops(lazy=True)[-1]), num_exits=ck.model.num_exits)
         with torch.inference_mode():  # warm-up

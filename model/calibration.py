@@ -16,9 +16,10 @@ batch size 1 (MSDNet paper convention); mean FLOPs are per image.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
+
+from .curve import OperatingPoint, pareto, point_for
 
 NEVER = math.inf
 
@@ -102,17 +103,6 @@ def prior_thresholds(conf: np.ndarray, shares: np.ndarray) -> list[float]:
     return thresholds
 
 
-@dataclass
-class Operating:
-    """One point of a budgeted-batch curve (on the validation split)."""
-
-    p: float
-    thresholds: list[float]
-    mean_flops: float
-    top1: float
-    exit_shares: list[float]
-
-
 def evaluate_thresholds(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, thresholds: list[float],
                         exit_flops: list[int]) -> tuple[float, float, list[float]]:
     """(mean FLOPs per image, top-1 fraction, share of samples per exit)."""
@@ -125,7 +115,7 @@ def evaluate_thresholds(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, 
 
 
 def budgeted_curve(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, exit_flops: list[int],
-                   ps: np.ndarray | None = None) -> list[Operating]:
+                   ps: np.ndarray | None = None) -> list[OperatingPoint]:
     """Thresholds and validation cost/accuracy for a grid of geometric-prior
     parameters p (default: 400 values log-spaced in [0.02, 50]), sorted by mean FLOPs."""
     ps = np.geomspace(0.02, 50.0, 400) if ps is None else ps
@@ -133,28 +123,20 @@ def budgeted_curve(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, exit_
     for p in ps:
         th = prior_thresholds(conf, geometric_prior(p, conf.shape[0]))
         mean, top1, shares = evaluate_thresholds(conf, pred, labels, th, exit_flops)
-        out.append(Operating(float(p), th, mean, top1, shares))
+        out.append(OperatingPoint(mean, tuple(th), top1, float(p), tuple(shares)))
     return sorted(out, key=lambda o: (o.mean_flops, -o.top1))
 
 
-def solve_for_budget(curve: list[Operating], target_flops: float) -> Operating:
+def solve_for_budget(curve: list[OperatingPoint], target_flops: float) -> OperatingPoint:
     """The most accurate curve point whose mean FLOPs per image on the validation
-    split does not exceed ``target_flops`` (ties: the higher cost).
+    split does not exceed ``target_flops``: :func:`model.curve.point_for` on the
+    curve's Pareto front (equal accuracy: the cheaper point).
 
     Raises:
         ValueError: when the target is below every point (below exit 1's cost).
     """
-    feasible = [o for o in curve if o.mean_flops <= target_flops]
-    if not feasible:
+    front = pareto(curve)
+    if target_flops < front[0].mean_flops:
         raise ValueError(f"target {target_flops:.0f} FLOPs per image is below the cheapest operating point "
-                         f"({curve[0].mean_flops:.0f} FLOPs)")
-    return max(feasible, key=lambda o: (o.top1, o.mean_flops))
-
-
-def pareto(curve: list[Operating]) -> list[Operating]:
-    """Curve points not beaten on both cost and accuracy, by increasing cost."""
-    out: list[Operating] = []
-    for o in curve:
-        if not out or o.top1 > out[-1].top1:
-            out.append(o)
-    return out
+                         f"({front[0].mean_flops:.0f} FLOPs)")
+    return point_for(front, target_flops)

@@ -28,6 +28,7 @@ import torch
 
 from .config import MSDNetConfig
 from .costs import ExitCost, exit_costs
+from .curve import OperatingPoint
 from .network import MSDNet
 from .transforms import InputContract
 
@@ -37,7 +38,41 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "fashion-mnist.pt"
 
 
 class CheckpointError(Exception):
-    """A checkpoint file is missing, corrupt, foreign or does not match its model."""
+    """A checkpoint file is missing, corrupt, foreign, not calibrated when it must
+    be, or does not match its model."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What ``msdnet calibrate`` fitted on the validation split (paper §5.2).
+
+    Attributes:
+        temperatures: one per exit; confidence = max softmax(logits / T_k).
+        thresholds: the default confidence threshold per exit (the last 0.0).
+        target_flops: mean FLOPs per image of the default thresholds on the
+            validation split (multiply-accumulates, lazy evaluation).
+        curve: the budgeted-batch curve (Pareto front), by increasing cost.
+        info: everything else recorded (rule, p, images, validation top-1, ...).
+    """
+
+    temperatures: tuple[float, ...]
+    thresholds: tuple[float, ...]
+    target_flops: float
+    curve: tuple[OperatingPoint, ...]
+    info: dict
+
+    KEYS = ("temperatures", "thresholds", "target_flops", "curve")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        """Raises KeyError, TypeError or ValueError on a malformed dict."""
+        return cls(tuple(float(t) for t in d["temperatures"]), tuple(float(t) for t in d["thresholds"]),
+                   float(d["target_flops"]), tuple(OperatingPoint.from_dict(p) for p in d["curve"]),
+                   {k: v for k, v in d.items() if k not in cls.KEYS})
+
+    def to_dict(self) -> dict:
+        return {**self.info, "temperatures": list(self.temperatures), "thresholds": list(self.thresholds),
+                "target_flops": self.target_flops, "curve": [p.to_dict() for p in self.curve]}
 
 
 @dataclass
@@ -57,17 +92,20 @@ class Checkpoint:
         return self.meta["classes"]
 
     @property
-    def transforms(self) -> dict:
-        return self.meta["transforms"]
-
-    @property
-    def contract(self) -> InputContract:
+    def transforms(self) -> InputContract:
         """The input contract (defaults for fields an older checkpoint lacks)."""
         return InputContract.from_transforms(self.meta["transforms"])
 
     @property
-    def calibration(self) -> dict | None:
-        return self.meta.get("calibration")
+    def calibration(self) -> Calibration | None:
+        """The calibration, or None before ``msdnet calibrate``."""
+        cal = self.meta.get("calibration")
+        return None if cal is None else Calibration.from_dict(cal)
+
+    @property
+    def costs(self) -> list[ExitCost]:
+        """Per-exit cumulative costs at batch 1 (FLOPs = multiply-accumulates)."""
+        return [ExitCost(**c) for c in self.meta["costs"]]
 
     def exit_flops(self, lazy: bool = True) -> list[int]:
         """Cumulative FLOPs per exit (multiply-accumulates, batch 1)."""
@@ -106,13 +144,16 @@ def build(model: MSDNet, classes: list[str], mean: list[float], std: list[float]
     return Checkpoint(model.eval(), meta)
 
 
-def load(path: str | Path = DEFAULT_CHECKPOINT) -> Checkpoint:
+def load(path: str | Path = DEFAULT_CHECKPOINT, calibrated: bool = False) -> Checkpoint:
     """Load and check a checkpoint; the model is returned in eval mode on the CPU.
+
+    Args:
+        calibrated: require a calibration (serving needs one).
 
     Raises:
         CheckpointError: naming the problem when the file is missing, not a torch
-            file, corrupt, another program's file, or its weights do not match
-            its config.
+            file, corrupt, another program's file, its weights do not match
+            its config, its calibration is malformed, or (``calibrated``) it has none.
     """
     path = Path(path)
     if not path.is_file():
@@ -151,7 +192,13 @@ def load(path: str | Path = DEFAULT_CHECKPOINT) -> Checkpoint:
                               f"{contract.image_size} inputs, the network takes {cfg.in_channels}x"
                               f"{cfg.image_size}x{cfg.image_size}")
     cal = data.get("calibration")
-    if cal is not None and (len(cal.get("temperatures", [])) != cfg.n_blocks
-                            or len(cal.get("thresholds", [])) != cfg.n_blocks):
-        raise CheckpointError(f"{path}: calibration does not have one temperature and threshold per exit")
+    if cal is None and calibrated:
+        raise CheckpointError(f"{path} is not calibrated: run 'msdnet calibrate --checkpoint {path}' first")
+    if cal is not None:
+        try:
+            typed = Calibration.from_dict(cal)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path} holds a malformed calibration ({type(exc).__name__}: {exc})") from exc
+        if len(typed.temperatures) != cfg.n_blocks or len(typed.thresholds) != cfg.n_blocks:
+            raise CheckpointError(f"{path}: calibration does not have one temperature and threshold per exit")
     return Checkpoint(model.eval(), data, path)

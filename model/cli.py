@@ -41,7 +41,7 @@ def cmd_info(args) -> int:
     rows = [{"exit": c.exit, "flops": c.flops, "flops_lazy": c.flops_lazy,
              "flops_official": c.flops_official, "params": c.params} for c in costs]
     loaded = ckpt.load(args.checkpoint) if getattr(args, "checkpoint", None) else None
-    contract = loaded.contract if loaded is not None else None
+    contract = loaded.transforms if loaded is not None else None
     if args.json:
         out = {"unit": "multiply-accumulates of convs and linears, cumulative, batch 1", "exits": rows}
         if loaded is not None:
@@ -83,11 +83,11 @@ def cmd_calibrate(args) -> int:
     cal = calibrate(ck, args.data_dir, target_flops=args.target_flops, max_drop=args.max_drop / 100,
                     data=args.data, split=args.split)
     ck.save(args.out or args.checkpoint)
-    temps = ", ".join(f"{t:.3f}" for t in cal["temperatures"])
-    ths = ", ".join(f"{t:.4f}" for t in cal["thresholds"])
+    temps = ", ".join(f"{t:.3f}" for t in cal.temperatures)
+    ths = ", ".join(f"{t:.4f}" for t in cal.thresholds)
     print(f"temperatures: {temps}\nthresholds: {ths}\n"
-          f"validation: mean {cal['target_flops'] / 1e6:.2f} MFLOPs per image (multiply-accumulates, lazy), "
-          f"top-1 {100 * cal['val_top1']:.2f}% ({cal['rule']}); {len(cal['curve'])} curve points")
+          f"validation: mean {cal.target_flops / 1e6:.2f} MFLOPs per image (multiply-accumulates, lazy), "
+          f"top-1 {100 * cal.info['val_top1']:.2f}% ({cal.info['rule']}); {len(cal.curve)} curve points")
     print(f"wrote {args.out or args.checkpoint}")
     return 0
 
@@ -149,7 +149,7 @@ def cmd_import_official(args) -> int:
     flops = ", ".join(f"{c['flops'] / 1e6:.3f}" for c in ck.meta["costs"])
     print(f"imported {args.checkpoint}: {ck.config.n_blocks} exits, {ck.config.num_classes} classes, "
           f"MFLOPs per exit {flops} (conv + linear multiply-accumulates, cumulative)")
-    print(f"input: {ck.contract.describe()}")
+    print(f"input: {ck.transforms.describe()}")
     print(f"wrote {args.out}; next: msdnet calibrate --checkpoint {args.out} --data folder --data-dir DIR")
     return 0
 

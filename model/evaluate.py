@@ -21,6 +21,7 @@ from torch import Tensor
 from . import calibration as C
 from . import checkpoint as ckpt
 from . import data as D
+from .curve import OperatingPoint, pareto
 
 
 @torch.no_grad()
@@ -41,7 +42,7 @@ def _folder(ck: ckpt.Checkpoint, data_dir: str | None, split: str) -> D.ImageSet
     if data_dir is None:
         raise D.DataError("folder data needs --data-dir (a folder of <split>/<class>/<images>)")
     cfg = ck.config
-    return D.load_folder(data_dir, split, cfg.image_size, cfg.in_channels, contract=ck.contract,
+    return D.load_folder(data_dir, split, cfg.image_size, cfg.in_channels, contract=ck.transforms,
                          classes=ck.classes, progress=True)
 
 
@@ -69,7 +70,7 @@ def test_set(ck: ckpt.Checkpoint, data_dir: str | None = None, data: str | None 
     return D.load(ck.meta["validation"]["dataset"], "test", data_dir, cfg.image_size, cfg.in_channels)
 
 
-def default_operating_point(curve: list[C.Operating], max_drop: float) -> C.Operating:
+def default_operating_point(curve: list[OperatingPoint], max_drop: float) -> OperatingPoint:
     """The cheapest validation operating point whose top-1 is within ``max_drop``
     (a fraction, e.g. 0.002 = 0.2 points) of the most expensive point's."""
     full = max(curve, key=lambda o: o.mean_flops)
@@ -78,18 +79,18 @@ def default_operating_point(curve: list[C.Operating], max_drop: float) -> C.Oper
 
 
 def calibrate(ck: ckpt.Checkpoint, data_dir: str | None = None, target_flops: float | None = None,
-              max_drop: float = 0.002, data: str | None = None, split: str = "val") -> dict:
+              max_drop: float = 0.002, data: str | None = None, split: str = "val") -> ckpt.Calibration:
     """Fit temperatures, build the budgeted curve and pick the default thresholds:
     those for ``target_flops`` (FLOPs per image) if given, else the cheapest point
     within ``max_drop`` of the last exit's validation top-1. Stores and returns
-    ``ck.meta["calibration"]``. Images: :func:`validation_set` (``data``, ``split``).
+    it in the checkpoint. Images: :func:`validation_set` (``data``, ``split``).
 
     Raises:
         ValueError: when ``target_flops`` is below the cheapest operating point.
     """
     val = validation_set(ck, data_dir, data, split)
     t = ck.transforms
-    logits = collect_logits(ck.model, val, t["mean"], t["std"])
+    logits = collect_logits(ck.model, val, t.mean, t.std)
     labels = val.labels
     temperatures = [C.fit_temperature(logits[k], labels) for k in range(logits.shape[0])]
     conf, pred = C.confidences(logits, temperatures)
@@ -98,21 +99,20 @@ def calibrate(ck: ckpt.Checkpoint, data_dir: str | None = None, target_flops: fl
     point = C.solve_for_budget(curve, target_flops) if target_flops else default_operating_point(curve, max_drop)
     cal = {
         "temperatures": temperatures,
-        "thresholds": point.thresholds,
+        "thresholds": list(point.thresholds),
         "p": point.p,
         "target_flops": point.mean_flops,
         "val_top1": point.top1,
-        "val_exit_shares": point.exit_shares,
+        "val_exit_shares": list(point.exit_shares),
         "cost": "flops_lazy",
         "rule": (f"target {target_flops:.0f} FLOPs" if target_flops else
                  f"cheapest validation point within {max_drop * 100:.2f} points of the last exit"),
         "images": {"source": f"{data_dir}/{split}" if _from_folder(ck, data) else ck.meta["validation"]["dataset"],
                    "count": len(val)},
-        "curve": [{"p": o.p, "thresholds": o.thresholds, "mean_flops": o.mean_flops, "top1": o.top1}
-                  for o in C.pareto(curve)],
+        "curve": [o.to_dict() for o in pareto(curve)],
     }
     ck.meta["calibration"] = cal
-    return cal
+    return ck.calibration
 
 
 def _latency_ms(model, x: Tensor, repeats: int) -> list[float]:
@@ -145,25 +145,25 @@ def evaluate(ck: ckpt.Checkpoint, data_dir: str | None = None, latency_repeats: 
         raise ValueError("checkpoint is not calibrated: run 'msdnet calibrate --checkpoint FILE' first")
     test = test_set(ck, data_dir, data, split)
     t = ck.transforms
-    logits = collect_logits(ck.model, test, t["mean"], t["std"])
+    logits = collect_logits(ck.model, test, t.mean, t.std)
     labels = test.labels.numpy()
     top1 = (logits.argmax(2).numpy() == labels[None]).mean(axis=1)
-    x1 = D.normalise(test.images[:1], t["mean"], t["std"])
-    x64 = D.normalise(test.images[:64], t["mean"], t["std"])
+    x1 = D.normalise(test.images[:1], t.mean, t.std)
+    x64 = D.normalise(test.images[:64], t.mean, t.std)
     lat1, lat64 = _latency_ms(ck.model, x1, latency_repeats), _latency_ms(ck.model, x64, max(3, latency_repeats // 4))
     anytime = [{"exit": c["exit"], "top1": float(top1[i]), "flops": c["flops"], "flops_lazy": c["flops_lazy"],
                 "params": c["params"], "latency_ms_b1": lat1[i], "latency_ms_b64": lat64[i]}
                for i, c in enumerate(ck.meta["costs"])]
-    conf, pred = C.confidences(logits, cal["temperatures"])
+    conf, pred = C.confidences(logits, cal.temperatures)
     flops = ck.exit_flops(lazy=True)
     budgeted = []
-    for point in cal["curve"]:
-        mean, acc, shares = C.evaluate_thresholds(conf, pred, labels, point["thresholds"], flops)
-        budgeted.append({"p": point["p"], "mean_flops": mean, "top1": acc, "val_mean_flops": point["mean_flops"],
-                         "val_top1": point["top1"], "exit_shares": shares})
-    mean, acc, shares = C.evaluate_thresholds(conf, pred, labels, cal["thresholds"], flops)
-    default = {"thresholds": cal["thresholds"], "mean_flops": mean, "top1": acc, "exit_shares": shares,
-               "val_mean_flops": cal["target_flops"]}
+    for point in cal.curve:
+        mean, acc, shares = C.evaluate_thresholds(conf, pred, labels, list(point.thresholds), flops)
+        budgeted.append({"p": point.p, "mean_flops": mean, "top1": acc, "val_mean_flops": point.mean_flops,
+                         "val_top1": point.top1, "exit_shares": shares})
+    mean, acc, shares = C.evaluate_thresholds(conf, pred, labels, list(cal.thresholds), flops)
+    default = {"thresholds": list(cal.thresholds), "mean_flops": mean, "top1": acc, "exit_shares": shares,
+               "val_mean_flops": cal.target_flops}
     return {"anytime": anytime, "budgeted": budgeted, "default": default,
             "unit": "FLOPs = multiply-accumulates of convs and linears per image (cumulative, batch 1)"}
 

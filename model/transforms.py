@@ -55,6 +55,11 @@ class InputContract:
     std: tuple[float, ...]
     background: int = 0
 
+    @classmethod
+    def exact(cls, size: int, channels: int, mean, std, background: int = 0) -> InputContract:
+        """A contract that resizes to ``size`` x ``size`` (bilinear), no crop."""
+        return cls(channels, "exact", size, "bilinear", None, tuple(mean), tuple(std), background).validate()
+
     @property
     def image_size(self) -> int:
         """Side of the square the network receives, in pixels."""

@@ -60,7 +60,7 @@ def cmd_batch_eval(args) -> int:
 
     ck = load(args.checkpoint) if args.checkpoint else load()
     test = test_set(ck, args.data_dir)
-    logits = collect_logits(ck.model, test, ck.transforms["mean"], ck.transforms["std"])
+    logits = collect_logits(ck.model, test, ck.transforms.mean, ck.transforms.std)
     rows = compare(ck, logits, test.labels.numpy(), args.batch_size)
     if args.json:
         with open(args.json, "w") as f:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -61,23 +60,6 @@ def _known_format(data: bytes) -> str | None:
         if any(data[offset: offset + len(m)] == m for m in magics):
             return name
     return None
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the model takes (from the checkpoint's ``transforms``)."""
-
-    image_size: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    background: int = 0  # grey level transparent pixels become
-    contract: InputContract | None = None  # resize, crop, normalisation (model/transforms.py)
-
-    @classmethod
-    def from_transforms(cls, t: dict) -> InputSpec:
-        return cls(t["image_size"], t["channels"], tuple(t["mean"]), tuple(t["std"]), t.get("background", 0),
-                   InputContract.from_transforms(t))
 
 
 def _flatten_alpha(img: Image.Image, background: int) -> Image.Image:
@@ -122,8 +104,9 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
-def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
-    """Decode one image to float32 (channels, image_size, image_size), normalised.
+def decode(data: bytes, contract: InputContract, max_pixels: int) -> np.ndarray:
+    """Decode one image to float32 (channels, image_size, image_size), normalised by the
+    checkpoint's input contract (:mod:`model.transforms`: resize, crop, mean/std).
 
     Raises:
         BadImage: empty, truncated or corrupt data, or not an image at all.
@@ -160,10 +143,8 @@ def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
         try:
             img.load()
             img = _upright(img)
-            img = _to_8bit(img, spec.background)
-            img = img.convert("L" if spec.channels == 1 else "RGB")
-            contract = spec.contract or InputContract(spec.channels, "exact", spec.image_size, "bilinear", None,
-                                                      spec.mean, spec.std, spec.background)
+            img = _to_8bit(img, contract.background)
+            img = img.convert(contract.mode)
             return preprocess(img, contract)  # the checkpoint's resize, crop and normalisation
         except (OSError, SyntaxError, ValueError) as exc:
             raise BadImage(f"truncated or corrupt {img.format} image: {exc}", supported_formats=supported) from exc

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model import calibration as C
+from model.curve import pareto
 
 
 def test_temperature_recovers_the_generating_one():
@@ -64,6 +65,6 @@ def test_solver_respects_the_budget_and_refuses_below_exit_1():
     assert C.solve_for_budget(curve, 30).top1 >= C.solve_for_budget(curve, 12).top1
     with pytest.raises(ValueError, match="below the cheapest"):
         C.solve_for_budget(curve, 5)
-    front = C.pareto(curve)
+    front = pareto(curve)
     assert all(a.top1 < b.top1 and a.mean_flops <= b.mean_flops for a, b in zip(front, front[1:]))
     assert not math.isnan(front[-1].top1)

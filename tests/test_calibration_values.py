@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model import calibration as C
+from model.curve import OperatingPoint, pareto, point_for, with_ends
 
 
 def test_confidences_divide_each_exit_by_its_own_temperature():
@@ -58,12 +59,22 @@ def test_evaluate_thresholds_counts_cost_accuracy_and_shares():
 
 def test_solve_for_budget_and_pareto_on_a_hand_made_curve():
     def op(p, flops, top1):
-        return C.Operating(p, [0.0], flops, top1, [1.0])
+        return OperatingPoint(flops, (0.0,), top1, p, (1.0,))
 
     curve = [op(1, 10, 0.80), op(2, 12, 0.85), op(3, 14, 0.84), op(4, 16, 0.85), op(5, 20, 0.90)]
     assert C.solve_for_budget(curve, 15).p == 2  # the most accurate within 15
-    assert C.solve_for_budget(curve, 16).p == 4  # accuracy tie: the higher cost
+    assert C.solve_for_budget(curve, 16).p == 2  # accuracy tie: the cheaper point (the Pareto front's)
     assert C.solve_for_budget(curve, 20).p == 5 and C.solve_for_budget(curve, 10).p == 1
     with pytest.raises(ValueError, match="below the cheapest"):
         C.solve_for_budget(curve, 9.9)
-    assert [o.p for o in C.pareto(curve)] == [1, 2, 5]
+    assert [o.p for o in pareto(curve)] == [1, 2, 5]
+
+
+def test_one_lookup_rule_for_every_user_of_the_curve():
+    curve = [OperatingPoint(10.0, (0.1, 0.0)), OperatingPoint(20.0, (0.5, 0.0)), OperatingPoint(30.0, (0.9, 0.0))]
+    assert point_for(curve, 25.0).mean_flops == 20.0  # the most expensive within the budget
+    assert point_for(curve, 30.0).mean_flops == 30.0  # a budget equal to a point's cost takes it
+    assert point_for(curve, 5.0).mean_flops == 10.0  # below every point: the cheapest
+    ends = with_ends(curve[1:2], [10.0, 40.0])
+    assert [p.mean_flops for p in ends] == [10.0, 20.0, 40.0]
+    assert ends[0].thresholds == (0.0, 0.0) and ends[-1].thresholds == (math.inf, 0.0)

@@ -30,14 +30,14 @@ def test_train_calibrate_evaluate_round_trip(tiny_config, fashion_dir, tmp_path)
     assert raw["format"] == ckpt.FORMAT and raw["validation"] == {"dataset": "fashion-mnist", "seed": 0, "size": 100}
     assert loaded.meta["card"]["training"]["command"] == "msdnet train --test"
     assert len(loaded.meta["card"]["training"]["history"]) == 4
-    assert loaded.transforms["image_size"] == 28 and loaded.transforms["channels"] == 1
+    assert loaded.transforms.image_size == 28 and loaded.transforms.channels == 1
     assert [c["exit"] for c in loaded.meta["costs"]] == [1, 2, 3]
     for a, b in zip(ck.model.state_dict().values(), loaded.model.state_dict().values()):
         assert torch.equal(a, b)
     cal = calibrate(loaded, str(fashion_dir))
-    assert len(cal["temperatures"]) == 3 and cal["thresholds"][-1] == 0.0
-    assert all(t > 0 for t in cal["temperatures"])
-    assert cal["target_flops"] <= loaded.exit_flops()[-1]
+    assert len(cal.temperatures) == 3 and cal.thresholds[-1] == 0.0
+    assert all(t > 0 for t in cal.temperatures)
+    assert cal.target_flops <= loaded.exit_flops()[-1]
     loaded.save(tmp_path / "cal.pt")
     result = evaluate(ckpt.load(tmp_path / "cal.pt"), str(fashion_dir), latency_repeats=1)
     assert [r["exit"] for r in result["anytime"]] == [1, 2, 3]

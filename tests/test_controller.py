@@ -14,8 +14,9 @@ import math
 import numpy as np
 import pytest
 
-from model.calibration import budgeted_curve, pareto
-from server.budget.controller import BudgetController, OperatingPoint
+from model.calibration import budgeted_curve
+from model.curve import OperatingPoint, pareto
+from server.budget.controller import BudgetController
 
 FLOPS = [4.8e6, 10.45e6, 16.2e6, 21.1e6]  # cumulative per exit, like the shipped model
 

@@ -12,7 +12,8 @@ import math
 
 import pytest
 
-from server.budget.controller import BudgetController, FleetView, OperatingPoint
+from model.curve import OperatingPoint
+from server.budget.controller import BudgetController, FleetView
 
 FLOPS = [10.0, 20.0, 30.0, 40.0]
 LOW = OperatingPoint(15.0, (0.5, 0.5, 0.5, 0.0))

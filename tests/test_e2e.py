@@ -20,7 +20,7 @@ from PIL import Image
 from model import calibration as C
 from model.checkpoint import DEFAULT_CHECKPOINT, load
 from model.data import load_fashion_mnist
-from server.images import InputSpec, decode
+from server.images import decode
 from tests.live import LiveServer
 
 pytestmark = pytest.mark.integration
@@ -40,13 +40,13 @@ def test_served_answers_equal_offline_evaluation():
     labels = test.labels[:N].numpy()
 
     # Offline: the all-exit forward, then the checkpoint's thresholds.
-    spec = InputSpec.from_transforms(ck.transforms)
+    spec = ck.transforms
     x = torch.from_numpy(np.stack([decode(p, spec, 10**6) for p in pngs]))
     with torch.no_grad():
         logits = torch.cat([torch.stack(ck.model(x[i:i + 500])) for i in range(0, N, 500)], dim=1)
     cal = ck.calibration
-    conf, pred = C.confidences(logits, cal["temperatures"])
-    exits = C.exit_of(conf, cal["thresholds"])
+    conf, pred = C.confidences(logits, cal.temperatures)
+    exits = C.exit_of(conf, cal.thresholds)
     offline_label = pred[exits, np.arange(N)]
 
     with LiveServer(CHECKPOINT, {"MSDNET_TORCH_THREADS": "2"}, args=["--no-controller"]) as srv:
@@ -59,7 +59,7 @@ def test_served_answers_equal_offline_evaluation():
             served = list(pool.map(post, pngs))
     served_exit = np.array([s["exit"] for s in served]) - 1
     served_label = np.array([s["class_id"] for s in served])
-    th = np.asarray(cal["thresholds"])[:, None]
+    th = np.asarray(cal.thresholds)[:, None]
     borderline = (np.abs(conf - th) < MARGIN)[:-1].any(axis=0)  # any threshold (last is 0)
     agree = (served_exit == exits) & (served_label == offline_label)
     assert agree[~borderline].all(), np.flatnonzero(~agree & ~borderline)[:10]

@@ -20,7 +20,8 @@ from PIL import Image
 
 from model import calibration as C
 from model.checkpoint import load
-from server.images import InputSpec, decode
+from model.curve import pareto
+from server.images import decode
 from tests.live import LiveServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -61,17 +62,16 @@ def fleet_setup(tiny_checkpoint, tmp_path_factory):
     into easy images (clear exit 1's threshold by the widest margin at the
     fleet's target) and hard ones (miss every early threshold by the widest)."""
     ck = load(tiny_checkpoint)
-    spec = InputSpec.from_transforms(ck.transforms)
+    spec = ck.transforms
     rng = np.random.default_rng(0)
     pngs = [png(rng.integers(0, 255, (28, 28), dtype=np.uint8)) for _ in range(600)]
     x = torch.from_numpy(np.stack([decode(p, spec, 10**6) for p in pngs]))
     with torch.no_grad():
         logits = torch.stack(ck.model(x))
-    conf, pred = C.confidences(logits, ck.calibration["temperatures"])
+    conf, pred = C.confidences(logits, ck.calibration.temperatures)
     flops = ck.exit_flops()
-    curve = C.pareto(C.budgeted_curve(conf, pred, pred[-1], flops))
-    ck.meta["calibration"]["curve"] = [{"p": o.p, "thresholds": o.thresholds, "mean_flops": o.mean_flops,
-                                        "top1": o.top1} for o in curve]
+    curve = pareto(C.budgeted_curve(conf, pred, pred[-1], flops))
+    ck.meta["calibration"]["curve"] = [o.to_dict() for o in curve]
     path = tmp_path_factory.mktemp("fleet") / "fleet.pt"
     ck.save(path)
     target = 0.5 * (flops[0] + flops[-1])

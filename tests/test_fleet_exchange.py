@@ -14,24 +14,25 @@ import redis
 
 from server.budget.controller import FleetView
 from server.budget.fleet import Fleet
+from server.budget.keeper import ControllerSnapshot
 from tests.live import free_port
 
 
-class StubService:
-    def __init__(self, deficit, bias, window_sum, window_n, target=100.0):
-        self.snap = {"deficit": deficit, "bias": bias, "window_sum": window_sum, "window_n": window_n,
-                     "target": target}
-        self.views, self.targets = [], []
-        self.metrics = SimpleNamespace(fleet_mode=SimpleNamespace(set=lambda v: None))
+class StubKeeper:
+    """The :class:`server.budget.keeper.BudgetKeeper` interface the fleet uses, recording calls."""
 
-    def controller_snapshot(self):
-        return dict(self.snap)
+    def __init__(self, deficit, bias, window_sum, window_n, target=100.0):
+        self.snap = ControllerSnapshot(deficit, bias, window_sum, window_n, target)
+        self.views, self.targets = [], []
+
+    def snapshot(self):
+        return self.snap
 
     def set_fleet(self, view, own_rate, horizon=None):
         self.views.append((view, own_rate, horizon))
 
-    def set_target(self, target, publish=True):
-        self.targets.append((target, publish))
+    def set_target(self, target):
+        self.targets.append(target)
 
 
 @pytest.fixture
@@ -57,13 +58,13 @@ SETTINGS = SimpleNamespace(fleet_publish_interval_s=0.2, fleet_stale_after_s=5.0
 
 
 def test_each_replica_steers_on_the_others_figures(redis_url):
-    a = Fleet(redis_url, StubService(10.0, 2.0, 500.0, 5), SETTINGS)
-    b = Fleet(redis_url, StubService(-4.0, 6.0, 900.0, 3), SETTINGS)
-    c = Fleet(redis_url, StubService(1.0, 1.0, 100.0, 2), SETTINGS)
+    a = Fleet(redis_url, StubKeeper(10.0, 2.0, 500.0, 5), SETTINGS)
+    b = Fleet(redis_url, StubKeeper(-4.0, 6.0, 900.0, 3), SETTINGS)
+    c = Fleet(redis_url, StubKeeper(1.0, 1.0, 100.0, 2), SETTINGS)
     a._rate, b._rate, c._rate = 2.0, 3.0, 5.0
     for f in (a, b, c, a):
         f._exchange()
-    view, own_rate, horizon = a.service.views[-1]
+    view, own_rate, horizon = a.keeper.views[-1]
     assert own_rate == 2.0 and horizon == 200.0
     assert view == FleetView(deficit=-4.0 + 1.0, bias_rate=6.0 * 3.0 + 1.0 * 5.0, rate=3.0 + 5.0)
     a.connected = True
@@ -73,8 +74,8 @@ def test_each_replica_steers_on_the_others_figures(redis_url):
 
 
 def test_stale_replicas_leave_and_targets_spread(redis_url):
-    a = Fleet(redis_url, StubService(10.0, 2.0, 500.0, 5), SETTINGS)
-    b = Fleet(redis_url, StubService(-4.0, 6.0, 900.0, 3), SETTINGS)
+    a = Fleet(redis_url, StubKeeper(10.0, 2.0, 500.0, 5), SETTINGS)
+    b = Fleet(redis_url, StubKeeper(-4.0, 6.0, 900.0, 3), SETTINGS)
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     r.sadd("msdnet:replicas", "ghost")
     r.hset("msdnet:replica:ghost", mapping={"deficit": "1e9", "bias": "0", "rate": "1", "window_sum": "0",
@@ -82,12 +83,12 @@ def test_stale_replicas_leave_and_targets_spread(redis_url):
     b._rate = 1.0
     b._exchange()
     a._exchange()
-    assert a.service.views[-1][0] == FleetView(-4.0, 6.0, 1.0)
+    assert a.keeper.views[-1][0] == FleetView(-4.0, 6.0, 1.0)
     assert r.smembers("msdnet:replicas") == {a.id, b.id}  # the silent one was dropped
     a.publish_target(123.0)
     a._exchange()
     b._exchange()
-    assert a.service.targets == [] and b.service.targets == [(123.0, False)]  # adopted, not re-published
+    assert a.keeper.targets == [] and b.keeper.targets == [123.0]  # adopted (the keeper does not publish)
     a.record(5.0)
     a.record(7.0)
     assert a._requests == 2

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model.transforms import InputContract
 from server import errors
-from server.images import InputSpec, decode
+from server.images import decode
 
-GREY = InputSpec(28, 1, (0.0,), (1.0,))  # identity normalisation: values in [0, 1]
-RGB = InputSpec(16, 3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+GREY = InputContract.exact(28, 1, (0.0,), (1.0,))  # identity normalisation: values in [0, 1]
+RGB = InputContract.exact(16, 3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -62,7 +63,7 @@ def test_resize_and_rgb_output():
 
 
 def test_normalisation():
-    spec = InputSpec(28, 1, (0.2860,), (0.3530,))
+    spec = InputContract.exact(28, 1, (0.2860,), (0.3530,))
     out = decode(encode(Image.new("L", (28, 28), 0)), spec, 10**7)
     assert out[0, 0, 0] == pytest.approx(-0.2860 / 0.3530, rel=1e-5)
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.images import InputSpec, decode
+from model.transforms import InputContract
+from server.images import decode
 
 
 def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -21,7 +22,7 @@ def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
 def test_three_channels_keep_rows_columns_and_channel_order():
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)  # (H, W, C), no resize needed
-    spec = InputSpec(8, 3, (0.1, 0.2, 0.3), (0.5, 0.25, 2.0))
+    spec = InputContract.exact(8, 3, (0.1, 0.2, 0.3), (0.5, 0.25, 2.0))
     out = decode(encode(Image.fromarray(arr, "RGB")), spec, 10**6)
     mean = np.array([0.1, 0.2, 0.3])[:, None, None]
     std = np.array([0.5, 0.25, 2.0])[:, None, None]
@@ -33,7 +34,7 @@ def test_a_non_square_image_is_resized_bilinearly_without_a_transpose():
     w, h = 12, 5
     ramp = np.tile(np.linspace(0, 255, w), (h, 1)).astype(np.uint8)  # brighter to the right
     rgb = np.stack([ramp, 255 - ramp, np.full_like(ramp, 40)], axis=2)
-    spec = InputSpec(6, 3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    spec = InputContract.exact(6, 3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     out = decode(encode(Image.fromarray(rgb, "RGB")), spec, 10**6)
     ref = np.asarray(Image.fromarray(rgb, "RGB").resize((6, 6), Image.BILINEAR), dtype=np.float64) / 255
     np.testing.assert_allclose(out, ref.transpose(2, 0, 1), atol=1e-6)
@@ -44,13 +45,13 @@ def test_a_non_square_image_is_resized_bilinearly_without_a_transpose():
 def test_colour_to_grey_is_the_601_luma_per_pixel():
     rng = np.random.default_rng(1)
     arr = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-    out = decode(encode(Image.fromarray(arr, "RGB")), InputSpec(6, 1, (0.0,), (1.0,)), 10**6)
+    out = decode(encode(Image.fromarray(arr, "RGB")), InputContract.exact(6, 1, (0.0,), (1.0,)), 10**6)
     a = arr.astype(np.int64)
     luma = (a[..., 0] * 299 + a[..., 1] * 587 + a[..., 2] * 114) / 1000
     np.testing.assert_allclose(out[0] * 255, luma, atol=0.51)
 
 
-GREY4 = InputSpec(4, 1, (0.0,), (1.0,))
+GREY4 = InputContract.exact(4, 1, (0.0,), (1.0,))
 
 
 def test_mode_i_is_clipped_to_16_bits_then_scaled():

@@ -35,7 +35,7 @@ from model.official import (
     to_official,
 )
 from model.transforms import InputContract, preprocess
-from server.images import InputSpec, decode
+from server.images import decode
 
 # The fixtures live beside the repository (../shared/reference/official); override with MSDNET_OFFICIAL_REF.
 REF = Path(os.environ.get("MSDNET_OFFICIAL_REF", Path(__file__).resolve().parents[2] / "shared/reference/official"))
@@ -92,7 +92,7 @@ def test_info_reproduces_official_flops_and_params(tmp_path, name, capsys):
     assert info["classes"][:2] == (["airplane", "automobile"] if name == "cifar-tiny" else ["apple", "aquarium_fish"])
     t = info["transforms"]  # the official loader's CIFAR test transforms
     assert (t["resize_rule"], t["resize_size"], t["crop_size"], t["channels"]) == ("exact", 32, None, 3)
-    assert t["mean"] == ([0.4914, 0.4824, 0.4467] if name == "cifar-tiny" else [0.5071, 0.4867, 0.4408])
+    assert t.mean == ([0.4914, 0.4824, 0.4467] if name == "cifar-tiny" else [0.5071, 0.4867, 0.4408])
 
 
 def test_official_args_spellings_and_defaults():
@@ -198,7 +198,7 @@ def test_imagenet_variant_round_trips(tmp_path):
     torch.save({"epoch": 90, "arch": "msdnet", "best_prec1": 1.0,
                 "state_dict": {"module." + k: v for k, v in official.items()}}, path)
     ck = import_official(path, args)
-    assert ck.contract.describe().startswith("RGB, shorter side to 256 (bilinear), center crop 224")
+    assert ck.transforms.describe().startswith("RGB, shorter side to 256 (bilinear), center crop 224")
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         want = ours(x)
@@ -225,7 +225,7 @@ def _png(img: Image.Image) -> bytes:
 def test_server_applies_shorter_side_resize_and_center_crop():
     c = InputContract(3, "shorter", 40, "bicubic", 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)).validate()
     img = _rng_image("RGB", (57, 43), 1)
-    got = decode(_png(img), InputSpec.from_transforms(c.to_transforms()), 10**6)
+    got = decode(_png(img), c, 10**6)
     # Reference by hand: shorter side 43 -> 40, longer int(40 * 57 / 43) = 53;
     # crop offsets round((40 - 32) / 2) = 4 and round((53 - 32) / 2) = round(10.5) = 10.
     r = np.asarray(img.resize((53, 40), Image.BICUBIC), dtype=np.float64)[4:36, 10:42]
@@ -237,7 +237,7 @@ def test_server_applies_shorter_side_resize_and_center_crop():
 def test_server_grey_non_square_exact_resize_and_small_image_padding():
     c = InputContract(1, "exact", 28, "bilinear", None, (0.286,), (0.353,)).validate()
     img = _rng_image("L", (30, 50), 2)
-    got = decode(_png(img), InputSpec.from_transforms(c.to_transforms()), 10**6)
+    got = decode(_png(img), c, 10**6)
     r = np.asarray(img.resize((28, 28), Image.BILINEAR), dtype=np.float64)
     assert np.abs(got[0] - (r / 255 - 0.286) / 0.353).max() < 1e-5
     # An image smaller than the crop is zero padded first (torchvision CenterCrop).
@@ -251,12 +251,12 @@ def test_server_grey_non_square_exact_resize_and_small_image_padding():
 
 def test_shipped_checkpoint_keeps_its_preprocessing():
     ck = ckpt.load()
-    assert "resize_rule" not in ck.transforms  # written before the contract existed
-    c = ck.contract
+    assert "resize_rule" not in ck.meta["transforms"]  # written before the contract existed
+    c = ck.transforms
     assert (c.resize_rule, c.resize_size, c.interpolation, c.crop_size, c.background) == (
         "exact", 28, "bilinear", None, 0)
     data = Path("server/samples/shirt.png").read_bytes()
-    got = decode(data, InputSpec.from_transforms(ck.transforms), 10**6)
+    got = decode(data, ck.transforms, 10**6)
     with Image.open(io.BytesIO(data)) as img:
         a = np.asarray(img.convert("L").resize((28, 28), Image.BILINEAR) if img.size != (28, 28)
                        else img.convert("L"), dtype=np.float32) / 255.0
@@ -317,7 +317,7 @@ def test_calibrate_evaluate_and_serve_imported_model(tmp_path):
     assert "40/40" in r.stderr  # tqdm's bar over the 40 images
     ck = ckpt.load(out)
     cal = ck.calibration
-    assert cal["images"]["count"] == 40 and len(cal["temperatures"]) == 3
+    assert cal.info["images"]["count"] == 40 and len(cal.temperatures) == 3
 
     # Evaluate on the same folder: accuracy per exit equals an offline computation
     # on the reference preprocessing (Pillow + the contract).
@@ -333,7 +333,7 @@ def test_calibrate_evaluate_and_serve_imported_model(tmp_path):
                 rgb = img.convert("RGBA") if img.mode == "RGBA" else img
                 if rgb.mode == "RGBA":
                     rgb = Image.alpha_composite(Image.new("RGBA", rgb.size, (0, 0, 0, 255)), rgb)
-                x = torch.from_numpy(preprocess(rgb.convert("RGB"), ck.contract))[None]
+                x = torch.from_numpy(preprocess(rgb.convert("RGB"), ck.transforms))[None]
             with torch.no_grad():
                 correct += [int(lo.argmax(1).item() == label) for lo in ck.model(x)]
     assert [r["top1"] for r in ev["anytime"]] == pytest.approx(list(correct / 40), abs=1e-9)
@@ -342,7 +342,7 @@ def test_calibrate_evaluate_and_serve_imported_model(tmp_path):
     jpeg = io.BytesIO()
     _rng_image("RGB", (45, 61), 99).save(jpeg, "JPEG", quality=85)
     jpeg = jpeg.getvalue()
-    probs = _offline_probs(ck.model, ck.contract, jpeg, cal["temperatures"])
+    probs = _offline_probs(ck.model, ck.transforms, jpeg, cal.temperatures)
     with LiveServer(out, args=["--no-controller"]) as srv:
         import httpx
 
@@ -350,7 +350,7 @@ def test_calibrate_evaluate_and_serve_imported_model(tmp_path):
         k = got["exit"] - 1
         p = probs[k]
         # The exit taken is the first whose confidence reaches its threshold.
-        first = next(i for i, q in enumerate(probs) if q.max() >= cal["thresholds"][i] or i == 2)
+        first = next(i for i, q in enumerate(probs) if q.max() >= cal.thresholds[i] or i == 2)
         assert k == first
         assert got["class_id"] == int(p.argmax()) and got["label"] == classes[int(p.argmax())]
         assert math.isclose(got["confidence"], float(p.max()), abs_tol=1e-4)
@@ -380,5 +380,5 @@ def test_calibrate_evaluate_and_serve_imported_model(tmp_path):
         outs = {o["name"]: o["data"] for o in inf["outputs"]}
         p = np.asarray(outs["probabilities"]).reshape(4, 10)
         for i, e in enumerate(outs["exit"]):
-            want = torch.softmax(ref[e - 1, i] / cal["temperatures"][e - 1], 0).numpy()
+            want = torch.softmax(ref[e - 1, i] / cal.temperatures[e - 1], 0).numpy()
             assert np.abs(p[i] - want).max() < 1e-5

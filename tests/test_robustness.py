@@ -103,7 +103,7 @@ def ckpt(tiny_checkpoint):
 
 def normalised(ck, grey: np.ndarray) -> np.ndarray:
     """The model input for a 28 x 28 grey picture, computed here: (x / 255 - mean) / std."""
-    mean, std = ck.transforms["mean"][0], ck.transforms["std"][0]
+    mean, std = ck.transforms.mean[0], ck.transforms.std[0]
     return ((grey.astype(np.float32) / 255.0 - mean) / std)[None].astype(np.float32)
 
 

@@ -86,13 +86,13 @@ def service_of(client):
 def force_exit(service, k: int) -> None:
     """Fixed thresholds that make every image leave at exit k (1-based)."""
     n = service.num_exits
-    service.fixed_thresholds = (INF,) * (k - 1) + (0.0,) * (n - k + 1)
+    service.keeper.fixed_thresholds = (INF,) * (k - 1) + (0.0,) * (n - k + 1)
 
 
 def offline(ck, seed: int, k: int) -> np.ndarray:
     """Temperature-scaled probabilities at exit k from the plain full forward."""
     t = ck.transforms
-    x = (png_array(seed).astype(np.float32) / 255 - t["mean"][0]) / t["std"][0]
+    x = (png_array(seed).astype(np.float32) / 255 - t.mean[0]) / t.std[0]
     with torch.no_grad():
         logits = ck.model.eval()(torch.from_numpy(x)[None, None])[k - 1]
     return torch.softmax(logits.double() / TEMPERATURES[k - 1], dim=1)[0].numpy()
@@ -305,14 +305,12 @@ def test_the_deadline_counts_from_the_requests_arrival(client, lazy_flops):
     service = service_of(client)
     force_exit(service, 1)
     before = service.metrics.flops.labels(endpoint="/classify")._value.get()
-    with pytest.raises(errors.DeadlineExceeded):
-        asyncio.run(service.classify(png(3), 200.0, time.monotonic() - 1.0))
     image = service.decode(png(3))
     with pytest.raises(errors.DeadlineExceeded):
-        asyncio.run(service.classify_array(image, 200.0, time.monotonic() - 1.0))
+        asyncio.run(service.classify([image], 200.0, time.monotonic() - 1.0))
     assert service.metrics.flops.labels(endpoint="/classify")._value.get() == before
     # The same deadline from now is met.
-    f = asyncio.run(service.classify_array(image, 5000.0, time.monotonic()))
+    (f,) = asyncio.run(service.classify([image], 5000.0, time.monotonic()))
     assert f.exit == 1 and f.flops == lazy_flops[0]
 
 
@@ -340,11 +338,11 @@ def test_put_budget_restarts_the_deficit(ckpt_path, lazy_flops):
         assert c.put("/budget", json={"target_flops": target}, headers=auth).status_code == 200
         spent = [c.post("/classify", content=png(i), headers={"content-type": "image/png"}).json()["flops"]
                  for i in range(5)]
-        assert service.controller.deficit == pytest.approx(sum(spent) - 5 * target)
-        assert service.controller.deficit != 0
+        assert service.keeper.controller.deficit == pytest.approx(sum(spent) - 5 * target)
+        assert service.keeper.controller.deficit != 0
         state = c.put("/budget", json={"target_flops": f2}, headers=auth).json()
-        bias = service.controller.bias
-        assert service.controller.deficit == 0.0
+        bias = service.keeper.controller.bias
+        assert service.keeper.controller.deficit == 0.0
         assert state["command_flops"] == pytest.approx(min(max(f2 - bias, f1), f3))
 
 

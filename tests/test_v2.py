@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from model.checkpoint import load
 from server.http.app import create_app
-from server.images import InputSpec, decode
+from server.images import decode
 from server.settings import Settings
 from tests.live import LiveServer
 
@@ -67,7 +67,7 @@ def files() -> list[bytes]:
 @pytest.fixture(scope="module")
 def tensor(ckpt, files) -> np.ndarray:
     """The normalised model input, (N, C, H, W) float32, by the server's own decoder."""
-    spec = InputSpec.from_transforms(ckpt.transforms)
+    spec = ckpt.transforms
     return np.stack([decode(f, spec, 10**7) for f in files])
 
 
@@ -79,12 +79,12 @@ def reference(ckpt, tensor) -> list[dict]:
     cal = ckpt.calibration
     with torch.no_grad():
         logits = torch.stack(ckpt.model.eval()(torch.from_numpy(tensor)))  # (K, N, classes)
-    temps = torch.tensor(cal["temperatures"], dtype=torch.float64).view(-1, 1, 1)
+    temps = torch.tensor(cal.temperatures, dtype=torch.float64).view(-1, 1, 1)
     probs = torch.softmax(logits.double() / temps, dim=2).numpy()
     flops = ckpt.exit_flops(lazy=True)
     out = []
     for i in range(tensor.shape[0]):
-        k = next(k for k in range(len(flops)) if k == len(flops) - 1 or probs[k, i].max() >= cal["thresholds"][k])
+        k = next(k for k in range(len(flops)) if k == len(flops) - 1 or probs[k, i].max() >= cal.thresholds[k])
         p = probs[k, i]
         order = np.argsort(-p)[:5]
         out.append({"class_id": int(order[0]), "label": ckpt.classes[order[0]], "exit": k + 1, "flops": flops[k],
@@ -160,7 +160,7 @@ def test_model_metadata_names_shapes_and_datatypes(client, ckpt):
         ("exit", "INT32", [-1]), ("flops", "INT64", [-1])]
     p = meta["parameters"]
     assert p["exit_flops"] == ",".join(str(f) for f in ckpt.exit_flops(lazy=True)) and p["num_exits"] == 3
-    assert [float(m) for m in p["mean"].split(",")] == pytest.approx(ckpt.transforms["mean"], rel=1e-5)
+    assert [float(m) for m in p["mean"].split(",")] == pytest.approx(ckpt.transforms.mean, rel=1e-5)
 
 
 @pytest.mark.parametrize("binary_in", [True, False])

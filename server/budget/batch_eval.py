@@ -18,9 +18,9 @@ import numpy as np
 
 from model import calibration as C
 from model.checkpoint import Checkpoint
+from model.curve import with_ends
 
 from ..engine.scheduler import BlockScheduler, BudgetPolicy, Task
-from .controller import OperatingPoint, curve_with_ends
 
 
 def simulate_batch(conf: np.ndarray, budget: float, thresholds, exit_flops: list[float],
@@ -44,10 +44,10 @@ def compare(ck: Checkpoint, logits, labels: np.ndarray, batch_size: int = 100) -
     chosen on the validation split, as in the paper), and along that curve's upper
     envelope (the best fixed point at or below each cost, which peeks at test labels)."""
     cal = ck.calibration
-    conf, pred = C.confidences(logits, cal["temperatures"])
+    conf, pred = C.confidences(logits, cal.temperatures)
     flops = ck.exit_flops(lazy=True)
     n = conf.shape[1]
-    curve = curve_with_ends([OperatingPoint(p["mean_flops"], tuple(p["thresholds"])) for p in cal["curve"]], flops)
+    curve = with_ends(list(cal.curve), flops)
     fixed = sorted(C.evaluate_thresholds(conf, pred, labels, list(p.thresholds), flops)[:2] for p in curve)
     fixed_cost, fixed_acc = np.array([f[0] for f in fixed]), np.array([f[1] for f in fixed])
     envelope = np.maximum.accumulate(fixed_acc)  # the best fixed point at or below each cost (uses test labels)

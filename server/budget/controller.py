@@ -31,10 +31,11 @@ than the target and one with easier images less, while the fleet's mean holds.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
+
+from model.curve import OperatingPoint, point_for, with_ends
 
 
 @dataclass(frozen=True)
@@ -45,25 +46,6 @@ class FleetView:
     deficit: float
     bias_rate: float
     rate: float
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    """Thresholds (one per exit, the last 0.0) and their mean FLOPs per image on
-    the validation split."""
-
-    mean_flops: float
-    thresholds: tuple[float, ...]
-
-
-def curve_with_ends(curve: list[OperatingPoint], exit_flops: list[float]) -> list[OperatingPoint]:
-    """The curve plus its two ends: all leave at exit 1 (thresholds 0) and all
-    run to the last exit (thresholds inf), sorted by cost."""
-    k = len(exit_flops)
-    ends = [OperatingPoint(float(exit_flops[0]), (0.0,) * k),
-            OperatingPoint(float(exit_flops[-1]), (math.inf,) * (k - 1) + (0.0,))]
-    points = {p.mean_flops: p for p in [*curve, *ends]}
-    return [points[m] for m in sorted(points)]
 
 
 class BudgetController:
@@ -85,7 +67,7 @@ class BudgetController:
     def __init__(self, exit_flops: list[float], curve: list[OperatingPoint], target: float,
                  horizon: float = 40.0, bias_halflife: float = 100.0, window: int = 1000):
         self.exit_flops = [float(f) for f in exit_flops]
-        self.curve = curve_with_ends(curve, self.exit_flops)
+        self.curve = with_ends(curve, self.exit_flops)
         self._costs = [p.mean_flops for p in self.curve]
         self.horizon = horizon
         self.bias_decay = 0.5 ** (1.0 / bias_halflife)
@@ -163,7 +145,5 @@ class BudgetController:
         self._point = self.point_for(self.command)
 
     def point_for(self, flops: float) -> OperatingPoint:
-        """The most expensive curve point whose validation mean does not exceed
-        ``flops`` per image (the cheapest point when all do)."""
-        i = bisect.bisect_right(self._costs, flops) - 1
-        return self.curve[max(i, 0)]
+        """The curve's point for ``flops`` per image (:func:`model.curve.point_for`)."""
+        return point_for(self.curve, flops)

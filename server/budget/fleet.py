@@ -19,16 +19,20 @@ linears (MSDNet paper convention).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import redis
 
+from ..settings import Settings
 from .controller import FleetView
+from .keeper import BudgetKeeper
 
 log = logging.getLogger("msdnet.fleet")
 PREFIX = "msdnet"
@@ -39,14 +43,17 @@ class Fleet:
 
     Args:
         url: Redis URL, e.g. ``redis://127.0.0.1:6379/0``.
-        service: the replica's :class:`server.service.Service`.
+        keeper: the replica's :class:`server.budget.keeper.BudgetKeeper`.
         settings: for the publish interval, staleness timeout and fleet horizon.
+        on_mode: called with True when steering on the fleet, False in local mode.
     """
 
-    def __init__(self, url: str, service, settings):
+    def __init__(self, url: str, keeper: BudgetKeeper, settings: Settings,
+                 on_mode: Callable[[bool], None] | None = None):
         self.redis = redis.Redis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25,
                                           decode_responses=True)
-        self.service = service
+        self.keeper = keeper
+        self.on_mode = on_mode
         self.interval = settings.fleet_publish_interval_s
         self.stale_after = settings.fleet_stale_after_s
         self.horizon = settings.fleet_horizon
@@ -54,6 +61,7 @@ class Fleet:
         self.connected = False
         self._was_connected: bool | None = None
         self._requests = 0  # since the last publish
+        self._count_lock = threading.Lock()  # counted on the model thread, read on the fleet thread
         self._rate = 0.0
         self._fleet_mean: float | None = None
         self._target_seen: float | None = None
@@ -62,9 +70,10 @@ class Fleet:
         self._thread = threading.Thread(target=self._run, name="msdnet-fleet", daemon=True)
 
     # ---- request path (no I/O) ------------------------------------------
-    def record(self, flops: float) -> None:
-        """Count one /classify request (the controller holds the FLOPs)."""
-        self._requests += 1
+    def record(self) -> None:
+        """Count one answered /classify request (for this replica's request rate)."""
+        with self._count_lock:
+            self._requests += 1
 
     def fleet_mean(self) -> float | None:
         """Fleet-wide mean FLOPs per request over the replicas' windows."""
@@ -91,7 +100,8 @@ class Fleet:
         last = time.monotonic()
         while not self._stop.wait(self.interval):
             now = time.monotonic()
-            n, self._requests = self._requests, 0
+            with self._count_lock:
+                n, self._requests = self._requests, 0
             alpha = min(1.0, (now - last) / 5.0)  # rate smoothed over about 5 s
             self._rate += alpha * (n / max(now - last, 1e-3) - self._rate)
             last = now
@@ -108,12 +118,13 @@ class Fleet:
                 log.info("fleet mode: steering on the fleet-wide mean (replica %s)", self.id)
             else:
                 log.warning("Redis unreachable (%s): local mode until it answers again", exc)
-                self.service.set_fleet(None, 0.0)
-            self.service.metrics.fleet_mode.set(1 if ok else 0)
+                self.keeper.set_fleet(None, 0.0)
+            if self.on_mode is not None:
+                self.on_mode(ok)
             self._was_connected = ok
 
     def _exchange(self) -> None:
-        mine = self.service.controller_snapshot()
+        mine = dataclasses.asdict(self.keeper.snapshot())
         now = mine["ts"] = time.time()
         mine["rate"] = self._rate
         pipe = self.redis.pipeline()
@@ -148,6 +159,6 @@ class Fleet:
         if target is not None and float(target) != self._target_seen:
             self._target_seen = float(target)
             if float(target) != mine["target"]:
-                self.service.set_target(float(target), publish=False)
+                self.keeper.set_target(float(target))
         self._fleet_mean = total_sum / total_n if total_n else None
-        self.service.set_fleet(FleetView(deficit, bias_rate, rate), self._rate, self.horizon)
+        self.keeper.set_fleet(FleetView(deficit, bias_rate, rate), self._rate, self.horizon)

@@ -78,8 +78,8 @@ class Runner:
                  on_step: Callable[[int, int, float, list[int]], None] | None = None):
         self.model = checkpoint.model.eval()
         self.backend = make_backend(backend, self.model, threads=torch_threads)
-        cal = checkpoint.calibration or {}
-        self.temperatures = list(cal.get("temperatures", [1.0] * self.model.num_exits))
+        cal = checkpoint.calibration
+        self.temperatures = list(cal.temperatures) if cal is not None else [1.0] * self.model.num_exits
         self.exit_flops = checkpoint.exit_flops(lazy=True)
         self.num_exits = self.model.num_exits
         self.torch_threads = torch_threads
@@ -173,7 +173,7 @@ class Runner:
                 except Exception as exc:  # a failed step fails its images, not the thread
                     log.exception("block %d step failed", block + 1)
                     with self._cv:
-                        self.scheduler.in_flight -= len(batch)
+                        self.scheduler.fail(batch)
                     for task in batch:
                         self._resolve_exception(task, exc)
 

@@ -220,6 +220,11 @@ class BlockScheduler:
         self.in_flight -= len(finished)
         return finished
 
+    def fail(self, batch: list[Task]) -> None:
+        """Forget a step's images whose block failed (the runner answers them with
+        the error); they no longer count towards ``max_queue_size``."""
+        self.in_flight -= len(batch)
+
     def drain(self) -> list[Task]:
         """Remove and return every queued image (shutdown)."""
         tasks = [t for q in self.queues for t in q]

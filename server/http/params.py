@@ -25,6 +25,8 @@ import math
 import re
 import uuid
 
+from pydantic import ValidationError
+
 from .. import errors
 
 # Far above any real deadline (ms) or budget (FLOPs), far below float overflow.
@@ -97,3 +99,23 @@ def image_count(n: int, limit: int) -> None:
     """
     if n > limit:
         raise errors.TooLarge(f"{n} images; at most {limit} per request", max_images=limit)
+
+
+def content_type(headers) -> str:
+    """The media type of a request's ``Content-Type`` (lower case, no parameters)."""
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def json_body(request, model):
+    """The request body parsed and validated as the pydantic ``model``.
+
+    Raises:
+        errors.InvalidParameter: (422) naming each field that fails, the first as ``field``.
+    """
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        problems = [(".".join(str(p) for p in e["loc"]) or "body", e["msg"].removeprefix("Value error, "))
+                    for e in exc.errors()]
+        raise errors.InvalidParameter("; ".join(f"{where}: {msg}" for where, msg in problems),
+                                      field=problems[0][0]) from None

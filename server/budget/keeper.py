@@ -1,0 +1,110 @@
+"""The budget keeper: the one owner of the thresholds in force and the controller.
+
+The model thread (a /classify request finished), the event loop (``GET``/``PUT
+/budget``, ``/batch``) and the fleet thread (figures from Redis) all touch the
+budget controller; the keeper holds its lock, chooses between the controller's
+thresholds and the checkpoint's fixed ones, and tells a listener (the metrics)
+after each change. :class:`server.budget.fleet.Fleet` depends on this interface
+only. FLOPs are multiply-accumulates of convs and linears (MSDNet paper
+convention), cumulative to an image's exit, lazy evaluation.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from model.curve import OperatingPoint
+
+from .controller import BudgetController, FleetView
+
+
+@dataclass(frozen=True)
+class ControllerSnapshot:
+    """What a replica publishes to the fleet: running overspend (FLOPs), bias
+    (FLOPs per request), the realised window's sum (FLOPs) and size (requests),
+    and the target (FLOPs per request)."""
+
+    deficit: float
+    bias: float
+    window_sum: float
+    window_n: int
+    target: float
+
+
+@dataclass(frozen=True)
+class BudgetView:
+    """The state ``GET /budget`` shows (FLOPs per request unless said)."""
+
+    target_flops: float
+    realised_flops: float | None
+    window: int
+    thresholds: tuple[float, ...]
+    command_flops: float
+    requests: int
+    controller: bool
+
+
+class BudgetKeeper:
+    """Thread-safe owner of a :class:`BudgetController`.
+
+    Args:
+        controller: the controller (its curve from the checkpoint's calibration).
+        fixed_thresholds: the checkpoint's thresholds, used when ``enabled`` is False.
+        enabled: tune thresholds online (``MSDNET_CONTROLLER``).
+        on_change: called (under no lock) after every change, e.g. to export metrics.
+    """
+
+    def __init__(self, controller: BudgetController, fixed_thresholds: tuple[float, ...], enabled: bool = True,
+                 on_change: Callable[[BudgetKeeper], None] | None = None):
+        self.controller = controller
+        self.fixed_thresholds = tuple(fixed_thresholds)
+        self.enabled = enabled
+        self.on_change = on_change
+        self._lock = threading.Lock()
+
+    def thresholds(self) -> tuple[float, ...]:
+        """Per-exit thresholds in force (read on the model thread at every exit)."""
+        return self.controller.thresholds if self.enabled else self.fixed_thresholds
+
+    @property
+    def target(self) -> float:
+        return self.controller.target
+
+    def observe(self, flops: float) -> None:
+        """Account one answered /classify request that spent ``flops``."""
+        with self._lock:
+            self.controller.observe(flops)
+        self._changed()
+
+    def set_target(self, target: float) -> None:
+        """Raises ValueError outside [exit 1's cost, the last exit's cost]."""
+        with self._lock:
+            self.controller.set_target(target)
+        self._changed()
+
+    def set_fleet(self, view: FleetView | None, own_rate: float, horizon: float | None = None) -> None:
+        """Steer on the fleet's figures (``view``), or locally with None."""
+        with self._lock:
+            self.controller.set_fleet(view, own_rate, horizon)
+        self._changed()
+
+    def point_for(self, flops_per_image: float) -> OperatingPoint:
+        """The curve's thresholds for a budget per image (``/batch``)."""
+        return self.controller.point_for(flops_per_image)
+
+    def snapshot(self) -> ControllerSnapshot:
+        with self._lock:
+            c = self.controller
+            return ControllerSnapshot(c.deficit, c.bias, c.window_sum, len(c.window), c.target)
+
+    def view(self) -> BudgetView:
+        with self._lock:
+            c = self.controller
+            return BudgetView(c.target, c.realised_mean, len(c.window), self.thresholds(), c.command, c.requests,
+                              self.enabled)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)

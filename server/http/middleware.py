@@ -1,0 +1,116 @@
+"""ASGI middleware around every HTTP request (see :class:`RequestContext`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from .. import errors
+from ..logs import request_id
+from ..service import Service
+from ..settings import Settings
+from . import params
+from .responses import count_rejection, error_response
+
+log = logging.getLogger("msdnet.http")
+
+ROUTE_LABELS = {"/classify", "/batch", "/budget", "/healthz", "/readyz", "/metrics"}
+
+
+class RequestContext:
+    """ASGI middleware around every HTTP request: request id, receive limits,
+    request metrics and the access log.
+
+    - Request id: a safe client ``X-Request-ID`` or a new one (``params.request_id``),
+      echoed in the response and carried by every log line.
+    - Receive limits: a body over ``max_body_bytes`` gets 413, at once when
+      ``Content-Length`` says so, or as soon as the streamed bytes pass the limit;
+      a body not complete within ``receive_timeout_s`` of the headers gets 408.
+      Both close the connection (the rest is not read).
+    - Every response, whatever produced it (route, error handler, this middleware,
+      Starlette's 404/405, an unhandled exception's 500), is counted in
+      ``msdnet_requests_total{endpoint,status}``; unknown paths as ``other``.
+    Header bytes are decoded as Latin-1 (RFC 9110 obs-text), so no header value
+    can fail a request.
+    """
+
+    def __init__(self, app, settings: Settings):
+        self.app, self.limit, self.settings = app, settings.max_body_bytes, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.monotonic()
+        raw_id = next((v for k, v in scope["headers"] if k.lower() == b"x-request-id"), None)
+        rid = params.request_id(raw_id)
+        token = request_id.set(rid)
+        scope.setdefault("state", {})["arrival"] = started  # deadlines count from here
+        path = scope["path"]
+        status = {"code": 500}
+
+        async def send_wrapped(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+            await send(message)
+
+        try:
+            length = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), b"")
+            if length.isdigit() and int(length) > self.limit:
+                raise errors.TooLarge(f"request body is over the limit of {self.limit} bytes",
+                                      max_body_bytes=self.limit, headers={"Connection": "close"})
+            await self.app(scope, self._limited(receive, started), send_wrapped)
+        except errors.ServiceError as exc:  # raised here, outside the routes' handlers
+            await _send_error(send_wrapped, exc, path, _service_of(scope))
+        finally:
+            elapsed = time.monotonic() - started
+            service = _service_of(scope)
+            endpoint = path if path in ROUTE_LABELS else ("/v2" if path.startswith("/v2") else "other")
+            if service is not None:
+                service.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
+                service.metrics.latency.labels(endpoint=endpoint).observe(elapsed)
+            if self.settings.access_log and endpoint not in ("/metrics", "/healthz"):
+                log.info("request", extra={"method": scope["method"], "path": path, "status": status["code"],
+                                           "latency_ms": round(elapsed * 1e3, 3)})
+            request_id.reset(token)
+
+    def _limited(self, receive, started: float):
+        """``receive`` with the body's size and time limits."""
+        seen, done = 0, False
+        limit, timeout = self.limit, self.settings.receive_timeout_s
+
+        async def receive_limited():
+            nonlocal seen, done
+            if done:  # after the body: waiting for a disconnect is not bounded
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, started + timeout - time.monotonic()))
+            except TimeoutError:
+                raise errors.RequestTimeout(f"request body not received within {timeout:g} s",
+                                            timeout_s=timeout, headers={"Connection": "close"}) from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise errors.TooLarge(f"request body is over the limit of {limit} bytes",
+                                          max_body_bytes=limit, headers={"Connection": "close"})
+                done = not message.get("more_body", False)
+            else:
+                done = True
+            return message
+
+        return receive_limited
+
+
+def _service_of(scope) -> Service | None:
+    app = scope.get("app")
+    return getattr(app.state, "service", None) if app is not None else None
+
+
+async def _send_error(send, exc: errors.ServiceError, path: str, service: Service | None) -> None:
+    count_rejection(service, exc)
+    with contextlib.suppress(Exception):  # the response may have started already
+        await error_response(exc, path)({"type": "http"}, None, send)
+
+

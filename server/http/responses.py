@@ -1,0 +1,79 @@
+"""The one mapping of errors to HTTP answers, and the answers' shapes.
+
+Every :class:`server.errors.ServiceError` becomes its status, its headers and a
+JSON body: the service's ``{"error": {"code", "message", ...}}``, or under
+``/v2`` the Open Inference Protocol's ``{"error": "<message>"}``. The same table
+documents each route's error statuses in the OpenAPI document. Results are
+turned into the response schemas here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from fastapi.responses import JSONResponse
+
+from .. import errors
+from ..engine.runner import Finished
+from ..service import BatchOutcome, BudgetReport, Service
+from .schemas import ErrorBody
+
+log = logging.getLogger("msdnet.http")
+
+ERROR_MEANING = {400: "Bad image data, bad base64 or a malformed body", 401: "Missing or wrong bearer token",
+                 403: "Budget changes are disabled", 404: "Unknown model, version or endpoint",
+                 408: "The request was not received in time",
+                 413: "Body, image count or image pixels over a limit", 415: "Unsupported content type or format",
+                 422: "Invalid parameter, budget below the minimum, or a non-finite network output",
+                 500: "Internal error", 503: "Model not ready, or the queue is full (with Retry-After)",
+                 504: "The deadline passed before exit 1 could run"}
+
+
+def error_responses(*statuses: int, model=ErrorBody) -> dict:
+    """OpenAPI ``responses`` for these error statuses with the error schema (and 500 always)."""
+    return {s: {"model": model, "description": ERROR_MEANING[s]} for s in sorted({*statuses, 500})}
+
+
+def error_response(exc: errors.ServiceError, path: str) -> JSONResponse:
+    """The answer to ``exc`` on ``path`` (the v2 shape under ``/v2``)."""
+    body = {"error": exc.message} if path.startswith("/v2") else exc.body()
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+def count_rejection(service: Service | None, exc: errors.ServiceError) -> None:
+    """``msdnet_rejected_requests_total{reason}``, and a log line for server-side faults."""
+    if service is not None and exc.reason:
+        service.metrics.rejected.labels(reason=exc.reason).inc()
+    if exc.status >= 500 and not isinstance(exc, errors.NotReady):
+        log.warning("%s: %s", exc.code, exc.message)
+
+
+def classify_result(service: Service, f: Finished, started: float, deadline_ms: float | None) -> dict:
+    """A ``/classify`` answer (:class:`server.http.schemas.ClassifyResult`); the
+    latency (ms) is counted from ``started``, the request's arrival."""
+    latency_ms = (time.monotonic() - started) * 1e3
+    order = np.argsort(-f.probs)[: service.settings.top_k]
+    top = [{"class_id": int(i), "label": service.classes[i], "probability": float(f.probs[i])} for i in order]
+    return {"class_id": top[0]["class_id"], "label": top[0]["label"], "confidence": float(f.confidence),
+            "top_k": top, "exit": f.exit, "num_exits": service.num_exits, "flops": int(f.flops),
+            "deadline_met": None if deadline_ms is None else latency_ms <= deadline_ms,
+            "latency_ms": round(latency_ms, 3)}
+
+
+def batch_result(service: Service, out: BatchOutcome, started: float) -> dict:
+    """A ``/batch`` answer (:class:`server.http.schemas.BatchResult`)."""
+    results = [r.body() if isinstance(r, errors.ServiceError) else classify_result(service, r, started, None)
+               for r in out.results]
+    return {"results": results, "flops_used": out.flops_used, "flops_budget": out.flops_budget,
+            "exit_counts": out.exit_counts}
+
+
+def budget_state(report: BudgetReport) -> dict:
+    """``GET /budget`` (:class:`server.http.schemas.BudgetState`); an infinite threshold is null."""
+    v = report.view
+    return {"target_flops": v.target_flops, "realised_flops": v.realised_flops, "window": v.window,
+            "thresholds": [None if th == float("inf") else th for th in v.thresholds],
+            "command_flops": v.command_flops, "requests": v.requests, "controller": v.controller,
+            "mode": report.mode, "fleet_realised_flops": report.fleet_realised_flops}

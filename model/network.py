@@ -17,7 +17,6 @@ computes only the nodes that exit k's classifier depends on; the rest of block k
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -178,10 +177,6 @@ class MSDState:
             index = torch.tensor(index, dtype=torch.long)
         return MSDState({s: f[index] for s, f in self.features.items()}, self.exits_done, self.lazy)
 
-    def split(self, leave: Tensor) -> tuple[MSDState, MSDState]:
-        """Split by a bool mask (N,): (samples that leave, samples that go on)."""
-        return self.select(leave), self.select(~leave)
-
     @staticmethod
     def cat(states: list[MSDState]) -> MSDState:
         """Join states at the same exit and mode into one batch.
@@ -329,8 +324,3 @@ def exit_params(model: MSDNet) -> list[int]:
         total += count_params(block) + count_params(head)
         out.append(total)
     return out
-
-
-def he_std(conv: nn.Conv2d) -> float:
-    """Standard deviation He initialisation gives ``conv`` (fan-out mode)."""
-    return math.sqrt(2.0 / (conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels))

@@ -16,6 +16,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from model.checkpoint import DEFAULT_CHECKPOINT
 
 
+def usable_cpus() -> int:
+    """CPUs this process may use: its CPU affinity, bounded by the cgroup v2 quota
+    (``cpu.max``, e.g. a container's ``--cpus`` or a pod's CPU limit), not
+    ``os.cpu_count()`` (the host's)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(float(quota) / float(period) + 0.5)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 class Settings(BaseSettings):
     """All settings; ``MSDNET_<NAME>`` in the environment sets ``<name>``.
 
@@ -30,7 +44,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, description="uvicorn workers; only 1: one process owns the model thread. "
                                         "Scale with replicas.")
-    torch_threads: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)), ge=1,
+    torch_threads: int = Field(default_factory=lambda: max(1, min(4, usable_cpus())), ge=1,
                                description="torch intra-op threads of the model thread.")
     backend: Literal["torch", "onnxruntime"] = Field(
         "torch", description="What runs a block step: torch eager, or ONNX Runtime (one session per block, "

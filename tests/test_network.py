@@ -40,7 +40,7 @@ def test_split_and_resume_by_exit(tiny):
         logits1, state = tiny.advance(tiny.start(x))
         assert torch.allclose(logits1, full[0], atol=1e-5)
         leave = torch.tensor([True, False, True, False, False, True])
-        gone, stay = state.split(leave)
+        gone, stay = state.select(leave), state.select(~leave)
         assert gone.batch_size == 3 and stay.batch_size == 3
         logits2, _ = tiny.advance(stay)
         assert torch.allclose(logits2, full[1][~leave], atol=1e-5)

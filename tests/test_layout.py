@@ -1,0 +1,88 @@
+"""The rooms and their doors: who may import whom (docs/ARCHITECTURE.md).
+
+Read from the source with ``ast`` (nothing is imported), so a wrong import
+fails here whatever path the code takes at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> list[tuple[str, list[str]]]:
+    """(absolute module, imported names) for every import in ``path``."""
+    tree = ast.parse(path.read_text())
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.append((mod, [a.name for a in node.names]))
+    return out
+
+
+def sources(*packages: str) -> list[Path]:
+    return sorted(p for pkg in packages for p in (ROOT / pkg.replace(".", "/")).rglob("*.py"))
+
+
+def test_model_imports_nothing_from_server():
+    bad = [(p.name, m) for p in sources("model") for m, _ in imports_of(p) if m.split(".")[0] == "server"]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("room", ["server.engine", "server.budget"])
+def test_engine_and_budget_know_no_http(room):
+    bad = [(str(p.relative_to(ROOT)), m) for p in sources(room) for m, _ in imports_of(p)
+           if m.split(".")[0] in ("fastapi", "starlette", "uvicorn") or m.startswith("server.http")]
+    assert not bad, bad
+
+
+def test_only_the_cli_imports_the_http_room():
+    outside = [p for p in sources("server") if "http" not in p.relative_to(ROOT).parts and p.name != "cli.py"]
+    bad = [(p.name, m) for p in outside for m, _ in imports_of(p) if m.startswith("server.http")]
+    assert not bad, bad
+
+
+def test_no_module_imports_a_private_name_of_another():
+    bad = []
+    for p in sources("model", "server", "loadtest"):
+        for mod, names in imports_of(p):
+            if mod.split(".")[0] in ("model", "server", "loadtest"):
+                bad += [(str(p.relative_to(ROOT)), mod, n) for n in names if n.startswith("_")]
+    assert not bad, bad
+
+
+def test_scheduler_and_controller_import_no_torch():
+    code = ("import sys, server.engine.scheduler, server.budget.controller, server.budget.keeper, model.curve; "
+            "assert 'torch' not in sys.modules and 'fastapi' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_no_file_is_over_400_lines_without_a_reason():
+    # A reason is a line "# long file: <why>" near the top.
+    long = []
+    for p in sources("model", "server", "loadtest"):
+        lines = p.read_text().splitlines()
+        if len(lines) > 400 and not any(line.startswith("# long file:") for line in lines[:40]):
+            long.append((str(p.relative_to(ROOT)), len(lines)))
+    assert not long, long

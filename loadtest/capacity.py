@@ -44,7 +44,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +69,8 @@ class Plan:
     pause_s: float = 1.0
     timeout_s: float = 5.0
     stop_ratio: float = 1.12       # bisect until hi / lo < this
-    max_trials: int = 7
-    max_search_s: float = 75.0     # per (configuration, encoding)
+    max_trials: int = 6
+    max_search_s: float = 55.0     # per (configuration, encoding)
     images: int = 2000             # test images cycled through
 
 
@@ -443,8 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: Debian's)")
     p.add_argument("--slo-ms", type=float, default=100.0)
     p.add_argument("--only", nargs="*", help="configuration keys or families to run (default: all)")
+    p.add_argument("--max-search-s", type=float, help="seconds per search (default: the plan's)")
     args = p.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
+    if args.max_search_s:
+        plan = replace(plan, max_search_s=args.max_search_s)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ck = load_checkpoint(args.checkpoint)

@@ -85,8 +85,17 @@ class WholeNetwork:
         cal = ck.calibration or {}
         self.temperature = float(cal.get("temperatures", [1.0] * self.num_exits)[-1])
         self.flops = int(ck.exit_flops(lazy=True)[-1])
-        with torch.inference_mode():  # warm-up: the first call allocates
-            self.model(torch.zeros(2, self.spec.channels, self.spec.image_size, self.spec.image_size))
+        self.warmup()
+
+    def warmup(self, max_batch_size: int = 64) -> None:
+        """One forward pass at every batch size 1..max_batch_size: torch's CPU
+        convolutions set up their kernels on the first call with a new input
+        shape (tens of ms each here), which a dynamic batcher would otherwise pay
+        while serving (msdnet-serve warms its block steps likewise)."""
+        torch = self.torch
+        with torch.inference_mode():
+            for n in range(1, max_batch_size + 1):
+                self.model(torch.zeros(n, self.spec.channels, self.spec.image_size, self.spec.image_size))
 
     def decode(self, data: bytes) -> np.ndarray:
         from server.images import decode

@@ -217,10 +217,10 @@ def reference_classes(checkpoint: str, samples: list[Sample]) -> np.ndarray:
     import torch
 
     from model.checkpoint import load
-    from server.images import InputSpec, decode
+    from server.images import decode
 
     ck = load(checkpoint)
-    spec = InputSpec.from_transforms(ck.transforms)
+    spec = ck.transforms
     x = torch.from_numpy(np.stack([decode(s.png, spec, 4096 * 4096) for s in samples]))
     with torch.inference_mode():
         logits = ck.model.eval()(x)

@@ -44,9 +44,9 @@ def create_app(checkpoint=DEFAULT_CHECKPOINT, torch_threads: int = 1) -> FastAPI
     async def lifespan(app: FastAPI):
         ck = load_checkpoint(checkpoint)
         torch.set_num_threads(torch_threads)
-        cal = ck.calibration or {}
+        cal = ck.calibration
         state.update(model=ck.model.eval(), spec=ck.transforms, classes=ck.classes,
-                     temperature=float(cal.get("temperatures", [1.0] * ck.model.num_exits)[-1]),
+                     temperature=cal.temperatures[-1] if cal is not None else 1.0,
                      flops=int(ck.exit_flops(lazy=True)[-1]), num_exits=ck.model.num_exits)
         with torch.inference_mode():  # warm-up
             ck.model(torch.zeros(1, ck.config.in_channels, ck.config.image_size, ck.config.image_size))

@@ -73,17 +73,16 @@ class WholeNetwork:
         import torch
 
         from model.checkpoint import load
-        from server.images import InputSpec
 
         torch.set_num_threads(torch_threads)
         ck = load(checkpoint)
         self.torch = torch
         self.model = ck.model.eval()
-        self.spec = InputSpec.from_transforms(ck.transforms)
+        self.spec = ck.transforms
         self.classes = list(ck.classes)
         self.num_exits = ck.model.num_exits
-        cal = ck.calibration or {}
-        self.temperature = float(cal.get("temperatures", [1.0] * self.num_exits)[-1])
+        cal = ck.calibration
+        self.temperature = cal.temperatures[-1] if cal is not None else 1.0
         self.flops = int(ck.exit_flops(lazy=True)[-1])
         self.warmup()
 

@@ -150,3 +150,24 @@ def test_nan_confidence_leaves_as_non_finite_at_any_exit():
     finished = s.complete(block, batch, [float("nan"), 0.5], 0.01)
     assert finished == [(a, Outcome.NON_FINITE)]
     assert s.depth(1) == 1 and s.in_flight == 1
+
+
+def test_deadline_images_go_first_earliest_deadline_first():
+    s = BlockScheduler(3, 2, 0.0, 16)
+    best_effort = [Task(arrival=0.0, policy=policy()) for _ in range(3)]
+    late = Task(arrival=0.1, policy=policy(), deadline=9.0)
+    early = Task(arrival=0.2, policy=policy(), deadline=5.0)
+    s.submit(best_effort + [late, early])
+    _, batch, _ = s.next_step(1.0)
+    assert batch == [early, late]  # EDF ahead of older best-effort images
+    _, batch, _ = s.next_step(1.0)
+    assert batch == best_effort[:2]  # the rest keep arrival order
+    assert s.depth(0) == 1 and s.in_flight == 5
+
+
+def test_arrival_order_when_a_step_takes_the_whole_queue():
+    s = BlockScheduler(3, 8, 0.0, 16)
+    tasks = [Task(arrival=0.0, policy=policy()), Task(arrival=0.1, policy=policy(), deadline=5.0)]
+    s.submit(tasks)
+    _, batch, _ = s.next_step(1.0)
+    assert batch == tasks

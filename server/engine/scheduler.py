@@ -5,7 +5,9 @@ runner (``server.engine.runner``) asks :meth:`BlockScheduler.next_step` for a ba
 runs that block on it, and reports each image's confidence to
 :meth:`BlockScheduler.complete`, which sends it out or on to the next block.
 
-Requests from all clients share one queue per block. Block 1's queue waits up to
+Requests from all clients share one queue per block, served in arrival order
+except that images with a deadline go first, earliest deadline first, when more
+wait than a step takes. Block 1's queue waits up to
 ``max_queue_delay_s`` to fill a batch; deeper queues run at once. Between two
 steps of deeper blocks a ready block-1 queue always gets a turn, so new arrivals
 never wait behind a running batch's deeper blocks for more than one step.
@@ -17,6 +19,7 @@ and linears (MSDNet paper convention), cumulative per exit.
 from __future__ import annotations
 
 import enum
+import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -176,8 +179,7 @@ class BlockScheduler:
         else:
             block = min(ready, key=lambda b: self.queues[b][0].arrival)
         self._last_block = block
-        q = self.queues[block]
-        batch = [q.popleft() for _ in range(min(self.max_batch_size, len(q)))]
+        batch = self._take(block)
         finished = []
         estimate = self.latency.estimate(block, len(batch))
         kept = []
@@ -194,6 +196,20 @@ class BlockScheduler:
         kept = [t for t in batch if t in keep]  # queue order for the step
         self.in_flight -= len(finished)
         return block, kept, finished
+
+    def _take(self, block: int) -> list[Task]:
+        """The next batch of ``block``'s queue: in arrival order, except that when
+        more images wait than a step takes, images with a deadline go first,
+        earliest deadline first (EDF), so a tight deadline is not left behind
+        a long queue of best-effort work."""
+        q = self.queues[block]
+        n = min(self.max_batch_size, len(q))
+        if n == len(q) or all(t.deadline is None for t in q):
+            return [q.popleft() for _ in range(n)]
+        chosen = heapq.nsmallest(n, q, key=lambda t: (t.deadline is None, t.deadline or 0.0, t.arrival))
+        taken = set(map(id, chosen))
+        self.queues[block] = deque(t for t in q if id(t) not in taken)
+        return chosen
 
     def complete(self, block: int, batch: list[Task], confidences: list[float],
                  seconds: float) -> list[tuple[Task, Outcome]]:

@@ -22,7 +22,7 @@ image-test: install-image-system  ## build the Docker image with podman and run 
 
 install:  ## Python packages (torch pinned to the CPU build)
 	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q -e ".[test,bench]"
 
 serve: install  ## set up and start the server on 127.0.0.1:$(PORT) with the shipped model
 	msdnet serve --port $(PORT)

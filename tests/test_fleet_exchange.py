@@ -89,6 +89,11 @@ def test_stale_replicas_leave_and_targets_spread(redis_url):
     a._exchange()
     b._exchange()
     assert a.keeper.targets == [] and b.keeper.targets == [123.0]  # adopted (the keeper does not publish)
-    a.record(5.0)
-    a.record(7.0)
+    # An adopted target is not published back: a later change on another replica reaches b unharmed.
+    a.publish_target(200.0)
+    a._exchange()
+    b._exchange()
+    assert b.keeper.targets == [123.0, 200.0] and r.get("msdnet:target") == repr(200.0)
+    a.record()
+    a.record()
     assert a._requests == 2

@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 # Loopback only: a proxy from the environment must never see these requests.
@@ -30,6 +31,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def host_port_args(port: int) -> list[str]:
+    """``--host 127.0.0.1 --port PORT``: how ``msdnet serve`` and uvicorn-style servers take their address."""
+    return ["--host", "127.0.0.1", "--port", str(port)]
+
+
 def serve_command(checkpoint: str | Path | None = None, args: list[str] | None = None) -> list[str]:
     """``python -m server.cli serve [--checkpoint C] [args]`` with this interpreter;
     :class:`ServerProcess` appends ``--host`` and ``--port``."""
@@ -42,9 +48,10 @@ def serve_command(checkpoint: str | Path | None = None, args: list[str] | None =
 class ServerProcess:
     """``with ServerProcess(cmd_without_port) as srv: ... srv.url ...``.
 
-    ``cmd`` gets ``--host 127.0.0.1 --port P`` appended (``P`` from :func:`free_port`).
-    ``env`` is added to this process's environment; ``self.env`` and ``self.cmd`` may
-    be changed before the start. The start waits until ``ready_path`` answers 200
+    ``cmd`` gets ``listen_args(P)`` appended (default ``--host 127.0.0.1 --port P``;
+    ``P`` from :func:`free_port`). ``env`` is added to this process's environment;
+    ``self.env`` and ``self.cmd`` may be changed before the start; ``cwd``: the
+    process's working folder (default: this one's). The start waits until ``ready_path`` answers 200
     (polled every 0.2 s) and raises ``RuntimeError`` with the end of the server's
     log when the process exits first or is not ready within ``ready_timeout_s``
     seconds; the process is stopped before the error propagates. :meth:`stop` sends
@@ -53,10 +60,12 @@ class ServerProcess:
     """
 
     def __init__(self, cmd: list[str], env: dict | None = None, ready_path: str = "/readyz",
-                 ready_timeout_s: float = 180.0, stop_timeout_s: float = 30.0, name: str = "server"):
+                 ready_timeout_s: float = 180.0, stop_timeout_s: float = 30.0, name: str = "server",
+                 listen_args: Callable[[int], list[str]] = host_port_args, cwd: str | Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [*cmd, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.cmd = [*cmd, *listen_args(self.port)]
+        self.cwd = cwd
         self.env = {**os.environ, **(env or {})}
         self.ready_path, self.ready_timeout_s, self.stop_timeout_s = ready_path, ready_timeout_s, stop_timeout_s
         self.name = name
@@ -94,7 +103,8 @@ class ServerProcess:
         """Start the process and return once it is ready (see the class docstring)."""
         self.logfile = tempfile.NamedTemporaryFile("w+", prefix=f"msdnet-{self.name}-", suffix=".log", delete=False)
         try:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.logfile, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.logfile, stderr=subprocess.STDOUT,
+                                         cwd=self.cwd)
             self._wait_ready()
         except BaseException:  # also KeyboardInterrupt: never leave the process behind
             self.close()

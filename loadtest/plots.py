@@ -20,6 +20,23 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    plt = _plt()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend: dict, grid: dict) -> None:
+    """Labels, a 9-pt title, the legend and grid (their keyword arguments), then save and close."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, **legend)
+    ax.grid(alpha=0.3, **grid)
+    _save(fig, path)
+
+
 def plot_throughput(a: dict, slo_ms: float, path: Path) -> None:
     """p99 latency (ms) against arrival rate (requests/s) of every rate tried, per server."""
     plt = _plt()
@@ -41,14 +58,8 @@ def plot_throughput(a: dict, slo_ms: float, path: Path) -> None:
         ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
                  if min(rates) / 1.5 <= t <= max(rates) * 1.5]
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-    ax.set_xlabel("arrival rate (requests/s, Poisson, open loop)")
-    ax.set_ylabel("p99 latency from scheduled send (ms)")
-    ax.set_title("Throughput at the SLO (failed requests count as infinitely slow)", fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, "arrival rate (requests/s, Poisson, open loop)", "p99 latency from scheduled send (ms)",
+            "Throughput at the SLO (failed requests count as infinitely slow)", {}, {"which": "both"})
 
 
 def plot_controller(b: dict, path: Path) -> None:
@@ -70,14 +81,9 @@ def plot_controller(b: dict, path: Path) -> None:
         if len(idx):
             ax.axvline(idx[0], color="k", lw=0.5, ls=":")
             ax.text(idx[0] + 5, top * 0.98, f"{row['mix']}\n@{row['target'] / 1e6:.2f}M", fontsize=7, va="top")
-    ax.set_xlabel("request (completion order)")
-    ax.set_ylabel("MFLOPs per request (multiply-accumulates)")
-    ax.set_title("Budget controller: realised vs target FLOPs; traffic mix switch and PUT /budget", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, "request (completion order)", "MFLOPs per request (multiply-accumulates)",
+            "Budget controller: realised vs target FLOPs; traffic mix switch and PUT /budget", {"loc": "lower right"},
+            {})
 
 
 def plot_deadlines(rows: list[dict], num_exits: int, path: Path) -> None:
@@ -104,9 +110,7 @@ def plot_deadlines(rows: list[dict], num_exits: int, path: Path) -> None:
     ax2.set_xlabel("load (share of capacity)")
     ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle("Deadlines: met share and exits taken", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_efficiency(d: dict, path: Path) -> None:
@@ -127,14 +131,10 @@ def plot_efficiency(d: dict, path: Path) -> None:
             ax.axhline(d["onnx"]["batches"][b]["macs_per_s"] / 1e9, color="tab:olive", ls=ls, lw=1,
                        label=f"ONNX Runtime full forward, batch {b}")
     ax.set_xticks(np.arange(k), [f"block {i + 1}" for i in range(k)])
-    ax.set_ylabel("GMAC/s (multiply-accumulates per second)")
     ax.set_yscale("log")
-    ax.set_title(f"Compute efficiency, {d['threads']} thread(s)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.grid(alpha=0.3, axis="y", which="both")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, "", "GMAC/s (multiply-accumulates per second)",
+            f"Compute efficiency, {d['threads']} thread(s)",
+            {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}, {"axis": "y", "which": "both"})
 
 
 def write_plots(res: dict, out: Path) -> None:

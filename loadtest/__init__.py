@@ -4,7 +4,11 @@
   each request's *scheduled* send time, so no coordinated omission).
 - :mod:`loadtest.locustfile`: Locust scenarios (mixed /classify, deadlines, /batch).
 - :mod:`loadtest.naive_server`: the baseline, whole network per request, no batching.
-- :mod:`loadtest.bench`: ``python -m loadtest.bench --out docs`` writes docs/BENCHMARKS.md.
+- :mod:`loadtest.bench`: ``python -m loadtest.bench --out docs`` writes docs/BENCHMARKS.md;
+  its parts are :mod:`loadtest.parts` (one module each), the Markdown :mod:`loadtest.report`,
+  the plots :mod:`loadtest.plots`.
+- :mod:`loadtest.harness`: the server-process harness (``free_port``, ``ServerProcess``)
+  that the benchmarks and the tests (``tests/live.py``) share; it imports nothing from ``tests``.
 
 Every load generator here refuses non-loopback targets and is bounded in request
 count and time. FLOPs are multiply-accumulates of convs and linears as the MSDNet

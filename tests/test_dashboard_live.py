@@ -17,10 +17,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,43 +28,13 @@ import yaml
 from deploy_helpers import DEPLOY, ROOT, dashboard, queries, to_promql
 from PIL import Image
 
+from loadtest.harness import ServerProcess, serve_command
+
 pytestmark = pytest.mark.integration
 
 SCRAPE_S = 1           # Prometheus scrape and rule-evaluation interval, seconds
 READY_TIMEOUT_S = 90   # server start: import torch, load and warm the model, on a busy 2-core CI
 DRAIN_TIMEOUT_S = 5    # MSDNET_DRAIN_TIMEOUT_S for this server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, timeout_s: float, proc: subprocess.Popen, log: Path) -> None:
-    """Poll ``url`` until it answers 200; fail with the process's log if it dies or times out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"{url} not ready within {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen, timeout_s: float) -> int | None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
 
 
 def png(seed: int) -> bytes:
@@ -110,8 +76,8 @@ def send_load(base: str) -> dict[str, list[int]]:
 
 
 class Live:
-    def __init__(self, server: subprocess.Popen, server_log: Path, prom_url: str, codes: dict[str, list[int]]):
-        self.server, self.server_log, self.prom_url, self.codes = server, server_log, prom_url, codes
+    def __init__(self, server: ServerProcess, prom_url: str, codes: dict[str, list[int]]):
+        self.server, self.prom_url, self.codes = server, prom_url, codes
 
     def query(self, expr: str) -> list:
         r = httpx.get(f"{self.prom_url}/api/v1/query", params={"query": expr}, timeout=10)
@@ -126,39 +92,26 @@ def live(tmp_path_factory):
     if not Path(prometheus).is_file():
         pytest.fail("prometheus not found: apt-get install -y prometheus")
     tmp = tmp_path_factory.mktemp("live")
-    port, prom_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSDNET_")} | {
         k: v for k, v in os.environ.items() if k in ("MSDNET_CHECKPOINT", "MSDNET_TARGET_FLOPS")}
     env |= {"MSDNET_BUDGET_TOKEN": "test", "MSDNET_TORCH_THREADS": "1",
             "MSDNET_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S), "MSDNET_LOG_LEVEL": "warning"}
-    server_log = tmp / "server.log"
-    prom_log = tmp / "prometheus.log"
-    procs = []
-    try:
-        with server_log.open("w") as out:
-            server = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
-                                       "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        procs.append((server, DRAIN_TIMEOUT_S + 5))
-        base = f"http://127.0.0.1:{port}"
-
-        shutil.copy(DEPLOY / "prometheus" / "alerts.yml", tmp / "alerts.yml")
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump({
-            "global": {"scrape_interval": f"{SCRAPE_S}s", "evaluation_interval": f"{SCRAPE_S}s"},
-            "rule_files": ["alerts.yml"],
-            "scrape_configs": [{"job_name": "msdnet", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
-        }))
-        with prom_log.open("w") as out:
-            prom = subprocess.Popen([prometheus, f"--config.file={tmp / 'prometheus.yml'}",
-                                     f"--storage.tsdb.path={tmp / 'tsdb'}",
-                                     f"--web.listen-address=127.0.0.1:{prom_port}"],
-                                    cwd=tmp, stdout=out, stderr=subprocess.STDOUT)
-        procs.append((prom, 10))
-        prom_url = f"http://127.0.0.1:{prom_port}"
-
-        wait_for(f"{base}/readyz", READY_TIMEOUT_S, server, server_log)
-        wait_for(f"{prom_url}/-/ready", 30, prom, prom_log)
-        codes = send_load(base)
-        live = Live(server, server_log, prom_url, codes)
+    server = ServerProcess(serve_command(), ready_timeout_s=READY_TIMEOUT_S, stop_timeout_s=DRAIN_TIMEOUT_S + 5,
+                           name="dashboard-server", cwd=ROOT)
+    server.env = env  # not this process's MSDNET_* settings
+    prom = ServerProcess([prometheus, f"--config.file={tmp / 'prometheus.yml'}",
+                          f"--storage.tsdb.path={tmp / 'tsdb'}"],
+                         ready_path="/-/ready", ready_timeout_s=30, stop_timeout_s=10, name="prometheus",
+                         listen_args=lambda p: [f"--web.listen-address=127.0.0.1:{p}"], cwd=tmp)
+    shutil.copy(DEPLOY / "prometheus" / "alerts.yml", tmp / "alerts.yml")
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": f"{SCRAPE_S}s", "evaluation_interval": f"{SCRAPE_S}s"},
+        "rule_files": ["alerts.yml"],
+        "scrape_configs": [{"job_name": "msdnet", "static_configs": [{"targets": [f"127.0.0.1:{server.port}"]}]}],
+    }))
+    with server, prom:
+        codes = send_load(server.url)
+        live = Live(server, prom.url, codes)
 
         # Wait until Prometheus has scraped the whole load, then two more scrapes.
         sent = sum(len(v) for k, v in codes.items() if k != "batch")
@@ -172,9 +125,6 @@ def live(tmp_path_factory):
             pytest.fail(f"Prometheus did not scrape the load ({sent} /classify requests) within 20 s")
         time.sleep(2 * SCRAPE_S)
         yield live
-    finally:
-        for proc, timeout_s in reversed(procs):
-            stop(proc, timeout_s)
 
 
 def test_load_was_answered(live):
@@ -210,4 +160,4 @@ def test_alert_rules_evaluate_on_real_metrics(live):
 
 def test_server_drains_and_exits_0_on_sigterm(live):
     # Last in this module: it stops the server the fixture started.
-    assert stop(live.server, DRAIN_TIMEOUT_S + 5) == 0, live.server_log.read_text()[-3000:]
+    assert live.server.stop() == 0, live.server.read_log()[-3000:]

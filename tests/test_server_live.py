@@ -1,10 +1,10 @@
-"""A real uvicorn process (``msdnet serve``) on a tiny model: the event loop
-stays free during a large /batch, overload gives 504 on expired deadlines,
-SIGTERM drains in-flight work, and bad settings fail fast."""
+"""A real uvicorn process (``msdnet serve``) on a tiny model: SIGTERM drains
+in-flight work, bad settings fail fast, logs carry the request id. (The event
+loop staying free during a /batch and 504 on expired deadlines are checked with
+a held model step in tests/test_robustness.py, independent of the CPU's speed.)"""
 
 from __future__ import annotations
 
-import base64
 import io
 import os
 import signal
@@ -28,66 +28,6 @@ def png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    # Batch 1 and no early exits make steps slow and many: a loaded model thread.
-    with LiveServer(tiny_checkpoint, {"MSDNET_MAX_BATCH_SIZE": "1", "MSDNET_MAX_BATCH_IMAGES": "256",
-                                      "MSDNET_MAX_QUEUE_SIZE": "4096"}) as srv:
-        yield srv
-
-
-def test_healthz_answers_fast_while_a_large_batch_runs(server):
-    images = [base64.b64encode(png(i)).decode() for i in range(256)]
-    result = {}
-
-    def big():
-        result["r"] = httpx.post(server.url + "/batch", json={"images": images, "flops_budget": 1e12}, timeout=120)
-
-    t = threading.Thread(target=big)
-    t.start()
-    time.sleep(0.3)
-    times = []
-    with httpx.Client(base_url=server.url) as c:
-        while t.is_alive() and len(times) < 40:
-            t0 = time.perf_counter()
-            assert c.get("/healthz").status_code == 200
-            times.append(time.perf_counter() - t0)
-            time.sleep(0.02)
-    t.join()
-    assert result["r"].status_code == 200 and len(times) >= 5
-    assert max(times) < 0.050, max(times)
-
-
-def test_expired_deadline_is_504_and_spends_nothing(server):
-    images = [base64.b64encode(png(i)).decode() for i in range(200)]
-    flooder = threading.Thread(target=lambda: httpx.post(server.url + "/batch", json={"images": images,
-                                                                                      "flops_budget": 1e12},
-                                                          timeout=120))
-    flooder.start()
-    time.sleep(0.2)
-    before = httpx.get(server.url + "/metrics").text
-    r = httpx.post(server.url + "/classify", json={"image": base64.b64encode(png(7)).decode(), "deadline_ms": 1})
-    after = httpx.get(server.url + "/metrics").text
-    flooder.join()
-    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-
-    def value(text, name):
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
-
-    spent = 'msdnet_flops_total{endpoint="/classify"}'
-    assert value(after, spent) == value(before, spent)
-    assert value(after, "msdnet_deadline_misses_total") == value(before, "msdnet_deadline_misses_total") + 1
-    ok = httpx.post(server.url + "/classify", json={"image": base64.b64encode(png(7)).decode(), "deadline_ms": 2000})
-    assert ok.status_code == 200 and ok.json()["deadline_met"] is True
-
-
-def wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_checkpoint, tmp_path):

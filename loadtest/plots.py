@@ -1,0 +1,149 @@
+"""The benchmark's PNG plots (matplotlib, Agg backend), one function per part,
+each drawn from that part's measurements as ``python -m loadtest.bench`` stores them.
+FLOPs = multiply-accumulates of convs and linears (MSDNet paper), cumulative per exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .common import PNGS, TARGET_DEADLINE_SHARE
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    plt = _plt()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend: dict, grid: dict) -> None:
+    """Labels, a 9-pt title, the legend and grid (their keyword arguments), then save and close."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, **legend)
+    ax.grid(alpha=0.3, **grid)
+    _save(fig, path)
+
+
+def plot_throughput(a: dict, slo_ms: float, path: Path) -> None:
+    """p99 latency (ms) against arrival rate (requests/s) of every rate tried, per server."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for res in a["servers"].values():
+        tr = sorted(res["search"]["trials"], key=lambda s: s["rate"])
+        p99 = [min(s["p99_ms"], 1e5) for s in tr]
+        ax.plot([s["rate"] for s in tr], p99, "o-", label=f"{res['label']} (capacity {res['capacity_rps']:g}/s)")
+    ax.axhline(slo_ms, color="k", ls="--", lw=1, label=f"SLO p99 = {slo_ms:g} ms")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
+    rates = [s["rate"] for res in a["servers"].values() for s in res["search"]["trials"]]
+    if rates:
+        ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+                 if min(rates) / 1.5 <= t <= max(rates) * 1.5]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    _finish(fig, ax, path, "arrival rate (requests/s, Poisson, open loop)", "p99 latency from scheduled send (ms)",
+            "Throughput at the SLO (failed requests count as infinitely slow)", {}, {"which": "both"})
+
+
+def plot_controller(b: dict, path: Path) -> None:
+    """Per-request FLOPs (MACs), their rolling mean and the target, in completion order."""
+    plt = _plt()
+    s = b["series"]
+    f, tgt, ph = np.array(s["flops"]) / 1e6, np.array(s["target"]) / 1e6, np.array(s["phase"])
+    w = b["window"]
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
+    x = np.arange(len(f))
+    ax.scatter(x, f, s=1, alpha=0.15, color="tab:gray", label="per request (the exit's cumulative cost)")
+    if len(f) >= w:
+        roll = np.convolve(f, np.ones(w) / w, mode="valid")
+        ax.plot(np.arange(w - 1, len(f)), roll, color="tab:blue", lw=1.5, label=f"mean of the last {w} requests")
+    ax.step(x, tgt, where="post", color="tab:red", lw=1.2, label="target")
+    top = f.max() if len(f) else 1.0
+    for k, row in enumerate(b["phases"]):
+        idx = np.nonzero(ph == k)[0]
+        if len(idx):
+            ax.axvline(idx[0], color="k", lw=0.5, ls=":")
+            ax.text(idx[0] + 5, top * 0.98, f"{row['mix']}\n@{row['target'] / 1e6:.2f}M", fontsize=7, va="top")
+    _finish(fig, ax, path, "request (completion order)", "MFLOPs per request (multiply-accumulates)",
+            "Budget controller: realised vs target FLOPs; traffic mix switch and PUT /budget", {"loc": "lower right"},
+            {})
+
+
+def plot_deadlines(rows: list[dict], num_exits: int, path: Path) -> None:
+    """Share of deadlines met and the exits taken (504s apart) per load level."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10.5, 3.8), dpi=110)
+    loads = [f"{r['load']:.0%}" for r in rows]
+    ax1.bar(loads, [100 * (r["met"] or 0) for r in rows], color="tab:green")
+    ax1.axhline(100 * TARGET_DEADLINE_SHARE, color="k", ls="--", lw=1, label="target 99.9%")
+    lo = min([100 * (r["met"] or 0) for r in rows] + [99.0])
+    ax1.set_ylim(max(0, lo - 2), 100.2)
+    ax1.set_ylabel("deadlines met (%)")
+    ax1.set_xlabel("load (share of capacity)")
+    ax1.legend(fontsize=7)
+    bottom = np.zeros(len(rows))
+    for k in range(0, num_exits + 1):
+        share = []
+        for r in rows:
+            n = r["requests"] or 1
+            share.append(100 * (r["statuses"].get("504", 0) if k == 0 else r["exits"].get(str(k), 0)) / n)
+        ax2.bar(loads, share, bottom=bottom, label="504 (nothing computed)" if k == 0 else f"exit {k}")
+        bottom += np.array(share)
+    ax2.set_ylabel("requests (%)")
+    ax2.set_xlabel("load (share of capacity)")
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("Deadlines: met share and exits taken", fontsize=9)
+    _save(fig, path)
+
+
+def plot_efficiency(d: dict, path: Path) -> None:
+    """Attained GMAC/s per block at batch 1 and 64 against the matmul peak and the full forwards."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 4.2), dpi=110)
+    k = len(d["block_flops"])
+    width = 0.38
+    for j, b in enumerate((1, 64)):
+        v = np.array(d["batches"][b]["block_macs_per_s"]) / 1e9
+        ax.bar(np.arange(k) + (j - 0.5) * width, v, width, label=f"staged block, batch {b}")
+    ax.axhline(d["peak"]["macs_per_s"] / 1e9, color="k", ls="--", lw=1,
+               label=f"float32 matmul {d['peak']['n']}² (practical peak)")
+    for b, ls in ((1, ":"), (64, "-.")):
+        ax.axhline(d["batches"][b]["torch_full_macs_per_s"] / 1e9, color="tab:purple", ls=ls, lw=1,
+                   label=f"torch full forward, batch {b}")
+        if "batches" in d["onnx"]:
+            ax.axhline(d["onnx"]["batches"][b]["macs_per_s"] / 1e9, color="tab:olive", ls=ls, lw=1,
+                       label=f"ONNX Runtime full forward, batch {b}")
+    ax.set_xticks(np.arange(k), [f"block {i + 1}" for i in range(k)])
+    ax.set_yscale("log")
+    _finish(fig, ax, path, "", "GMAC/s (multiply-accumulates per second)",
+            f"Compute efficiency, {d['threads']} thread(s)",
+            {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}, {"axis": "y", "which": "both"})
+
+
+def write_plots(res: dict, out: Path) -> None:
+    """Every plot whose part is in ``res``, into the folder ``out`` (names: ``PNGS``)."""
+    if "a" in res:
+        plot_throughput(res["a"], res["slo_ms"], out / PNGS["throughput"])
+    if "b" in res:
+        plot_controller(res["b"], out / PNGS["controller"])
+    if "c" in res:
+        plot_deadlines(res["c"]["rows"], len(res["offline"]["exit_flops"]), out / PNGS["deadlines"])
+    if "d" in res:
+        plot_efficiency(res["d"], out / PNGS["efficiency"])

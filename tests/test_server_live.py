@@ -30,6 +30,13 @@ def png(seed: int) -> bytes:
     return buf.getvalue()
 
 
+def wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_checkpoint, tmp_path):
     """SIGTERM arrives while a request is held inside the model step (a test
     hook, ``tests.held_serve``); the server stops accepting, lets it finish, answers 200

@@ -92,7 +92,7 @@ def test_info_reproduces_official_flops_and_params(tmp_path, name, capsys):
     assert info["classes"][:2] == (["airplane", "automobile"] if name == "cifar-tiny" else ["apple", "aquarium_fish"])
     t = info["transforms"]  # the official loader's CIFAR test transforms
     assert (t["resize_rule"], t["resize_size"], t["crop_size"], t["channels"]) == ("exact", 32, None, 3)
-    assert t.mean == ([0.4914, 0.4824, 0.4467] if name == "cifar-tiny" else [0.5071, 0.4867, 0.4408])
+    assert t["mean"] == ([0.4914, 0.4824, 0.4467] if name == "cifar-tiny" else [0.5071, 0.4867, 0.4408])
 
 
 def test_official_args_spellings_and_defaults():

@@ -55,19 +55,19 @@ def validation_set(ck: ckpt.Checkpoint, data_dir: str | None = None, data: str |
         return _folder(ck, data_dir, split)
     v = ck.meta["validation"]
     cfg = ck.config
-    full = D.load(v["dataset"], "train", data_dir, cfg.image_size, cfg.in_channels)
+    full = D.load(data or v["dataset"], "train", data_dir, cfg.image_size, cfg.in_channels)
     _, val_idx = D.validation_split(len(full), v["size"], v["seed"])
     return full.subset(val_idx)
 
 
 def test_set(ck: ckpt.Checkpoint, data_dir: str | None = None, data: str | None = None,
              split: str = "test") -> D.ImageSet:
-    """Evaluation images: the recorded data set's test split, or the user's folder
+    """Evaluation images: the test split of ``data`` (default: the recorded data set), or the user's folder
     ``data_dir/split/<class>/*`` (see :func:`validation_set`)."""
     if _from_folder(ck, data):
         return _folder(ck, data_dir, split)
     cfg = ck.config
-    return D.load(ck.meta["validation"]["dataset"], "test", data_dir, cfg.image_size, cfg.in_channels)
+    return D.load(data or ck.meta["validation"]["dataset"], "test", data_dir, cfg.image_size, cfg.in_channels)
 
 
 def default_operating_point(curve: list[OperatingPoint], max_drop: float) -> OperatingPoint:

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
-import time
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from model.checkpoint import load
-from server.http.app import create_app
-from server.settings import Settings
+from tests.inprocess import ready_client
 
 
 def png(seed: int = 0, size=(28, 28), mode="L") -> bytes:
@@ -27,19 +23,6 @@ def png(seed: int = 0, size=(28, 28), mode="L") -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-@contextlib.contextmanager
-def ready_client(checkpoint, **settings):
-    """A TestClient (lifespan run) once /readyz answers 200."""
-    with TestClient(create_app(Settings(checkpoint=checkpoint, torch_threads=1, warmup_rounds=1, **settings))) as c:
-        for _ in range(300):
-            if c.get("/readyz").status_code == 200:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("server not ready after 15 s")
-        yield c
 
 
 @pytest.fixture(scope="module")

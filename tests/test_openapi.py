@@ -21,8 +21,8 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from server.http.schemas import EXAMPLE_IMAGE
+from tests.inprocess import ready_client
 from tests.live import LiveServer
-from tests.test_robustness import ready_client
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,10 @@ import time
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from model.checkpoint import load
-from server.http.app import create_app
-from server.settings import Settings
+from tests.inprocess import ready_client
 from tests.live import LiveServer, free_port
 
 
@@ -74,18 +72,6 @@ class Hold:
 
     def __exit__(self, *exc):
         self.release()
-
-
-@contextlib.contextmanager
-def ready_client(checkpoint, **settings):
-    with TestClient(create_app(Settings(checkpoint=checkpoint, torch_threads=1, warmup_rounds=1, **settings))) as c:
-        for _ in range(600):
-            if c.get("/readyz").status_code == 200:
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError("server never became ready")
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import math
 import threading
@@ -23,7 +22,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
@@ -31,8 +29,7 @@ from torch import nn
 from model.checkpoint import load
 from server import errors
 from server.engine.scheduler import QueueFull
-from server.http.app import create_app
-from server.settings import Settings
+from tests.inprocess import ready_client
 
 TEMPERATURES = [0.6, 1.7, 3.1]  # distinct, so an exit using another exit's temperature shows
 INF = math.inf
@@ -67,16 +64,9 @@ def lazy_flops(ck):
     return ck.exit_flops(lazy=True)
 
 
-@contextlib.contextmanager
 def app_client(path, **settings):
     """TestClient once /readyz answers 200; fails if it never does."""
-    s = Settings(checkpoint=path, torch_threads=1, warmup_rounds=1, access_log=False, **settings)
-    with TestClient(create_app(s)) as c:
-        deadline = time.monotonic() + 60
-        while c.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.02)
-        yield c
+    return ready_client(path, access_log=False, **settings)
 
 
 def service_of(client):

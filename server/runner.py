@@ -149,18 +149,22 @@ class Runner:
                 if step is None or isinstance(step, float):
                     self._cv.wait(timeout=step)
                     continue
-            block, batch, finished = step
-            for task, outcome in finished:
-                self._finish(task, outcome)
-            if batch:
-                try:
-                    self._run(block, batch)
-                except Exception as exc:  # a failed step fails its images, not the thread
-                    log.exception("block %d step failed", block + 1)
-                    with self._cv:
-                        self.scheduler.in_flight -= len(batch)
-                    for task in batch:
-                        self._resolve_exception(task, exc)
+            # The step's tasks live in _step's frame only, so while this thread waits
+            # it pins no finished task (nor its future, probabilities or batch state).
+            self._step(*step)
+
+    def _step(self, block: int, batch: list[Task], finished: list[tuple[Task, Outcome]]) -> None:
+        for task, outcome in finished:
+            self._finish(task, outcome)
+        if batch:
+            try:
+                self._run(block, batch)
+            except Exception as exc:  # a failed step fails its images, not the thread
+                log.exception("block %d step failed", block + 1)
+                with self._cv:
+                    self.scheduler.in_flight -= len(batch)
+                for task in batch:
+                    self._resolve_exception(task, exc)
 
     def _gather(self, block: int, batch: list[Task]) -> MSDState:
         if block == 0:

@@ -1,0 +1,101 @@
+"""Per-request objects do not outlive their request (issue 10, item 15).
+
+After many images through the runner (mixed batch sizes, images leaving at
+different exits, an expired deadline), once every answer is in and while the
+model thread idles, no :class:`Task`, runner :class:`ImageData`, batch
+:class:`MSDState`, :class:`Finished` or request future may still be referenced.
+Counted with ``gc`` and weak references, not with RSS (which depends on the
+allocator). The RSS side is the soak benchmark, ``make soak``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+import weakref
+
+import numpy as np
+import pytest
+
+from model.checkpoint import load
+from model.network import MSDState
+from server.runner import Finished, ImageData, Runner
+from server.scheduler import BudgetPolicy, Outcome, Task
+
+KINDS = (Task, ImageData, MSDState, Finished)
+
+
+def live(kinds=KINDS) -> dict[str, int]:
+    """Instances of ``kinds`` reachable after a full collection, by type name."""
+    gc.collect()
+    out: dict[str, int] = {}
+    for o in gc.get_objects():
+        if isinstance(o, kinds):
+            out[type(o).__name__] = out.get(type(o).__name__, 0) + 1
+    return out
+
+
+async def _wait_ready(runner: Runner, limit_s: float = 120.0) -> None:
+    end = time.monotonic() + limit_s  # a bound, not a timing assumption: warm-up is a few steps
+    while not runner.ready:
+        assert time.monotonic() < end, "runner did not warm up"
+        await asyncio.sleep(0.01)
+
+
+class ByIdPolicy:
+    """Image i leaves after exit 1 + i % 3 (random weights give no useful
+    confidences), so batch states are split, selected and joined."""
+
+    def leaves(self, task: Task, confidence: float) -> bool:
+        return task.exits_done >= 1 + task.id % 3
+
+    def may_continue(self, task: Task) -> bool:
+        return True
+
+
+@pytest.fixture
+def runner(tiny_checkpoint):
+    ck = load(tiny_checkpoint)
+    r = Runner(ck, max_batch_size=8, max_queue_delay_s=0.001, max_queue_size=1024, torch_threads=1)
+    r.start(warmup_rounds=1)
+    yield r
+    r.stop()
+
+
+def test_no_task_state_or_future_outlives_its_request(runner):
+    rng = np.random.default_rng(0)
+    policy = ByIdPolicy()
+    futures: list[weakref.ref] = []
+    outcomes: dict[Outcome, int] = {}
+    exits: set[int] = set()
+
+    async def main():
+        await _wait_ready(runner)
+        assert live() == {}, "objects alive before any request"
+        for wave in range(30):
+            n = int(rng.integers(1, 20))  # batch sizes vary, as under real load
+            images = [rng.standard_normal((1, 28, 28)).astype(np.float32) for _ in range(n)]
+            deadlines = [None] * n
+            if wave == 7:
+                deadlines[0] = time.monotonic() - 1.0  # already passed: EXPIRED, nothing computed
+            policies = [policy] * n
+            if wave % 5 == 4:  # a /batch-like group: budget for exit 1 and a bit more
+                flops = runner.exit_flops
+                policies = [BudgetPolicy(n * flops[0] + flops[1] - flops[0], n, (1.0, 1.0, 0.0), flops)] * n
+            futs = runner.submit(images, policies, deadlines, time.monotonic())
+            futures.extend(weakref.ref(f) for f in futs)
+            for f in await asyncio.gather(*futs):
+                outcomes[f.outcome] = outcomes.get(f.outcome, 0) + 1
+                exits.add(f.exit)
+            del futs, images
+
+    asyncio.run(main())
+    # The run exercised what it claims to (several exits and outcomes).
+    assert {Outcome.CONFIDENT, Outcome.LAST_EXIT, Outcome.EXPIRED, Outcome.BUDGET} <= set(outcomes)
+    assert {0, 1, runner.num_exits} <= exits
+    assert len(futures) == sum(outcomes.values())
+    assert runner.scheduler.in_flight == 0
+    # The model thread is idle, waiting for work: nothing of the past requests may remain.
+    assert live() == {}
+    assert sum(ref() is not None for ref in futures) == 0

@@ -74,6 +74,13 @@ def _on_usr2(signum, frame):
     row = {"t": time.time(), "rss_kib": rss, **{k: getattr(m, k) for k, _ in _MallInfo2._fields_}}
     with open(os.path.join(_dir, "mallinfo.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\\n")
+    if os.environ.get("MSDNET_SOAK_TRIM") and not row.get("trimmed"):  # then trim, and record again
+        libc.malloc_trim(0)
+        m = libc.mallinfo2()
+        rss = [int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmRSS")][0]
+        row = {"t": time.time(), "rss_kib": rss, "trimmed": True, **{k: getattr(m, k) for k, _ in _MallInfo2._fields_}}
+        with open(os.path.join(_dir, "mallinfo.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\\n")
 if os.environ.get("MSDNET_SOAK_TRACEMALLOC"):
     signal.signal(signal.SIGUSR1, _on_usr1)
 signal.signal(signal.SIGUSR2, _on_usr2)
@@ -207,7 +214,7 @@ def plot(samples: list[Sample], fig: dict, path: Path, title: str) -> None:
 def report(fig: dict, meta: dict) -> str:
     per_req = fig["slope_kb_per_request"]
     lines = [
-        "# Soak: server memory under steady load",
+        "## Latest soak run",
         "",
         f"`python -m loadtest.soak {meta['argv']}` on {meta['date']} ({meta['cpus']} CPUs, shared: mean 1-min "
         f"load average {fig['loadavg_1m_mean']:.2f} during the run). `msdnet serve` with its defaults "
@@ -221,7 +228,7 @@ def report(fig: dict, meta: dict) -> str:
         f"| duration under load | {fig['duration_s'] / 60:.1f} min |",
         f"| requests answered (200) | {fig['answered']:,} |" if fig["answered"] is not None else
         "| requests answered (200) | unknown |",
-        f"| load: {meta['load_summary']} | |" if meta.get("load_summary") else "",
+        f"| load | {meta['load_summary']} |" if meta.get("load_summary") else None,
         f"| RSS at the start of the load | {fig['rss_start_mb']:.1f} MB |",
         f"| RSS at minute {fig['rss_warm_at_s'] / 60:.1f} (end of warm-up) | {fig['rss_warm_mb']:.1f} MB |",
         f"| RSS at the end | {fig['rss_end_mb']:.1f} MB (max {fig['rss_max_mb']:.1f} MB) |",
@@ -234,7 +241,21 @@ def report(fig: dict, meta: dict) -> str:
         "![RSS over time](soak.png)",
         "",
     ]
-    return "\n".join(line for line in lines if line != "" or True)
+    return "\n".join(line for line in lines if line is not None)
+
+
+BEGIN, END = "<!-- soak:begin (written by python -m loadtest.soak) -->", "<!-- soak:end -->"
+
+
+def write_report(path: Path, text: str) -> None:
+    """Put ``text`` between the soak markers of ``path``, keeping the rest of the
+    file (the hand-written investigation in docs/SOAK.md); a new file is just the report."""
+    block = f"{BEGIN}\n{text.rstrip()}\n{END}\n"
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        block = head + block + rest.split(END, 1)[1].lstrip("\n")
+    path.write_text(block)
 
 
 def _load(url: str, samples, rate: float, seconds: float, chunk_s: float, timeout_s: float, tally: dict,
@@ -386,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "soak.json").write_text(json.dumps({"figures": fig, "meta": meta}, indent=2))
     plot(data, fig, out / "soak.png", f"msdnet serve at {rate:g} requests/s: growth after warm-up "
                                       f"{100 * fig['growth']:+.2f}%, {fig['slope_kb_per_min']:+.0f} KB/min")
-    (out / "SOAK.md").write_text(report(fig, meta))
+    write_report(out / "SOAK.md", report(fig, meta))
     print(json.dumps(fig, indent=2))
     return 0 if fig["plateau"] else 1
 

@@ -99,3 +99,40 @@ def test_no_task_state_or_future_outlives_its_request(runner):
     # The model thread is idle, waiting for work: nothing of the past requests may remain.
     assert live() == {}
     assert sum(ref() is not None for ref in futures) == 0
+
+
+def test_idle_model_thread_gives_free_heap_back_once_per_busy_period(tiny_checkpoint, monkeypatch):
+    import server.runner as runner_mod
+
+    calls = []
+    monkeypatch.setattr(runner_mod, "release_free_heap", lambda: calls.append(1) or True)
+    r = Runner(load(tiny_checkpoint), max_batch_size=8, max_queue_delay_s=0.001, max_queue_size=64,
+               torch_threads=1, trim_interval_s=1e-9)
+    r.start(warmup_rounds=1)
+
+    async def wave():
+        await _wait_ready(r)
+        assert calls == []  # warm-up alone does not trim: no served step yet
+        futs = r.submit([np.zeros((1, 28, 28), np.float32)] * 3, [ByIdPolicy()] * 3, [None] * 3, time.monotonic())
+        await asyncio.gather(*futs)
+        end = time.monotonic() + 60.0  # a bound, not a speed assumption
+        while not calls:
+            assert time.monotonic() < end, "the idle model thread never trimmed"
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(wave())
+        # Idle since: no further trim without new steps (the thread waits for work).
+        with r._cv:
+            assert r._steps_since_trim == 0
+        assert len(calls) == 1
+    finally:
+        r.stop()
+
+
+def test_release_free_heap_calls_glibc_malloc_trim():
+    import platform
+
+    from server.runner import release_free_heap
+
+    assert release_free_heap() is (platform.libc_ver()[0] == "glibc")

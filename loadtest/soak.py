@@ -19,12 +19,14 @@ short trials). Goal (issue 10, item 15): under 2% growth from minute 5 to the en
 
 Load runs in chunks of ``--chunk`` seconds (each an open-loop run with its own
 connections; a chunk's records are summarised and dropped so the client's own
-memory stays flat). Loopback only. ``--tracemalloc`` additionally starts Python's
-tracemalloc in the server (through a ``sitecustomize`` module on its
-``PYTHONPATH``) and, after each chunk and a pause that lets the server go
-idle, dumps a snapshot into ``--out/tracemalloc/``; compare two with
-``--compare A B``. This slows the server several fold: use it at a low rate, for
-diagnosis only.
+memory stays flat). Loopback only.
+
+Probes (diagnosis only; they go into ``--out/probe/`` through a ``sitecustomize``
+module put on the server's ``PYTHONPATH``, and run after each chunk once the
+server has had 3 s to drain): ``--mallinfo`` appends glibc's ``mallinfo2()``
+(arena bytes in use and free) and RSS to ``mallinfo.jsonl``; ``--tracemalloc``
+dumps a Python heap snapshot (compare two with ``--compare A B``; it slows the
+server several fold, so use a low rate). See docs/SOAK.md for what they showed.
 """
 
 from __future__ import annotations

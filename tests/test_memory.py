@@ -136,3 +136,23 @@ def test_release_free_heap_calls_glibc_malloc_trim():
     from server.runner import release_free_heap
 
     assert release_free_heap() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_soak_figures_and_report_markers(tmp_path):
+    from loadtest.soak import BEGIN, END, Sample, analyse, write_report
+
+    # RSS rising 10 KiB/s (= 10.24 KB/s) while 100 requests/s are answered.
+    samples = [Sample(t, 100_000 + 10 * t, 100 * t, 1.0) for t in range(0, 601, 10)]
+    fig = analyse(samples, warmup_s=300)
+    assert fig["rss_warm_at_s"] == 300
+    assert fig["growth"] == pytest.approx(3000 / 103_000)  # 2.9%: over the 2% goal
+    assert fig["slope_kb_per_min"] == pytest.approx(10.24 * 60)
+    assert fig["slope_kb_per_request"] == pytest.approx(10.24 / 100)
+    assert fig["plateau"] is False
+    flat = analyse([Sample(t, 100_000 + (t % 20), 100 * t, 1.0) for t in range(0, 601, 10)], warmup_s=300)
+    assert flat["plateau"] is True and abs(flat["slope_kb_per_min"]) < 1.0
+
+    doc = tmp_path / "SOAK.md"
+    doc.write_text(f"# Notes\n\nkept\n\n{BEGIN}\nold figures\n{END}\n\ntail kept\n")
+    write_report(doc, "new figures\n")
+    assert doc.read_text() == f"# Notes\n\nkept\n\n{BEGIN}\nnew figures\n{END}\ntail kept\n"

@@ -7,7 +7,8 @@ Fashion-MNIST test PNGs to ``POST /classify`` at a fixed open-loop rate for
 ``/metrics``) every ``--interval`` seconds. Writes into ``--out``:
 
 - ``soak.csv``: one row per sample (time, RSS, requests answered, load average);
-- ``SOAK.md``: RSS at minute 5 and at the end, the growth between them in %,
+- ``SOAK.md``: RSS at minute 5 and at the end (medians over a minute: RSS is a
+  sawtooth, the runner trims the heap every ~10 s), the growth between them in %,
   and the slope after the warm-up (least squares) in KB/min and KB/request;
 - ``soak.png``: RSS over time.
 
@@ -148,9 +149,10 @@ class Sampler(threading.Thread):
         self.join()
 
 
-def analyse(samples: list[Sample], warmup_s: float) -> dict:
-    """Figures of a soak: RSS (MB = 10^6 bytes) at ``warmup_s`` and at the end,
-    growth between them, and least-squares slopes of RSS after ``warmup_s``
+def analyse(samples: list[Sample], warmup_s: float, window_s: float = 60.0) -> dict:
+    """Figures of a soak: RSS (MB = 10^6 bytes) just after ``warmup_s`` and at the
+    end (each the median of the samples in a ``window_s`` window: the minute after
+    the warm-up, the last minute), growth between them, and least-squares slopes of RSS after ``warmup_s``
     against time (KB/min, KB = 1000 bytes) and against requests answered (KB/request).
 
     Raises:
@@ -166,11 +168,15 @@ def analyse(samples: list[Sample], warmup_s: float) -> dict:
     per_request = None
     if len(counted) >= 3 and counted[-1][0] > counted[0][0]:
         per_request = float(np.polyfit([c[0] for c in counted], [c[1] for c in counted], 1)[0])
-    start, end = after[0], samples[-1]
-    growth = (end.rss_kb - start.rss_kb) / start.rss_kb
-    return {"warmup_s": warmup_s, "duration_s": end.t_s, "samples": len(samples),
-            "rss_start_mb": samples[0].rss_kb * 1024 / 1e6, "rss_warm_mb": start.rss_kb * 1024 / 1e6,
-            "rss_warm_at_s": start.t_s, "rss_end_mb": end.rss_kb * 1024 / 1e6,
+    # RSS is a sawtooth (the runner trims the heap every ~10 s): take the median of
+    # the minute after the warm-up and of the last minute, not single samples.
+    end = samples[-1]
+    warm_kb = float(np.median([s.rss_kb for s in after if s.t_s < warmup_s + window_s]))
+    end_kb = float(np.median([s.rss_kb for s in after if s.t_s > end.t_s - window_s]))
+    growth = (end_kb - warm_kb) / warm_kb
+    return {"warmup_s": warmup_s, "duration_s": end.t_s, "samples": len(samples), "window_s": window_s,
+            "rss_start_mb": samples[0].rss_kb * 1024 / 1e6, "rss_warm_mb": warm_kb * 1024 / 1e6,
+            "rss_warm_at_s": after[0].t_s, "rss_end_mb": end_kb * 1024 / 1e6,
             "rss_max_mb": max(s.rss_kb for s in samples) * 1024 / 1e6,
             "growth": growth, "slope_kb_per_min": slope_per_s * 60, "slope_kb_per_request": per_request,
             "answered": end.answered, "plateau": growth < GOAL_GROWTH,
@@ -232,8 +238,10 @@ def report(fig: dict, meta: dict) -> str:
         "| requests answered (200) | unknown |",
         f"| load | {meta['load_summary']} |" if meta.get("load_summary") else None,
         f"| RSS at the start of the load | {fig['rss_start_mb']:.1f} MB |",
-        f"| RSS at minute {fig['rss_warm_at_s'] / 60:.1f} (end of warm-up) | {fig['rss_warm_mb']:.1f} MB |",
-        f"| RSS at the end | {fig['rss_end_mb']:.1f} MB (max {fig['rss_max_mb']:.1f} MB) |",
+        f"| RSS at minute {fig['rss_warm_at_s'] / 60:.1f} (end of warm-up; median of the next "
+        f"{fig['window_s']:g} s) | {fig['rss_warm_mb']:.1f} MB |",
+        f"| RSS at the end (median of the last {fig['window_s']:g} s) | {fig['rss_end_mb']:.1f} MB "
+        f"(max over the run {fig['rss_max_mb']:.1f} MB) |",
         f"| growth, warm-up to end | **{100 * fig['growth']:+.2f}%** (goal: under {100 * GOAL_GROWTH:g}%: "
         f"{'met' if fig['plateau'] else 'NOT met'}) |",
         f"| slope after warm-up (least squares) | {fig['slope_kb_per_min']:+.1f} KB/min |",
@@ -330,6 +338,26 @@ def compare_snapshots(a: str, b: str, top: int = 15) -> str:
     return "\n".join(out)
 
 
+def finish(data: list[Sample], warmup_s: float, meta: dict, out: Path) -> dict:
+    """Figures, soak.json, soak.png and the report section of SOAK.md in ``out``."""
+    fig = analyse(data, min(warmup_s, data[-1].t_s / 3))
+    (out / "soak.json").write_text(json.dumps({"figures": fig, "meta": meta}, indent=2))
+    plot(data, fig, out / "soak.png", f"msdnet serve at {meta['rate']:g} requests/s: growth after warm-up "
+                                      f"{100 * fig['growth']:+.2f}%, {fig['slope_kb_per_min']:+.0f} KB/min")
+    write_report(out / "SOAK.md", report(fig, meta))
+    print(json.dumps(fig, indent=2))
+    return fig
+
+
+def reanalyse(src: Path, out: Path, warmup_s: float) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    data = read_csv(src / "soak.csv")
+    meta = json.loads((src / "soak.json").read_text())["meta"]
+    if src.resolve() != out.resolve():
+        write_csv(data, out / "soak.csv")
+    return 0 if finish(data, warmup_s, meta, out)["plateau"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.soak", description=__doc__.splitlines()[0])
     p.add_argument("--rate", type=float, help="requests/s (default: --load x capacity)")
@@ -346,12 +374,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra environment of the server (e.g. MALLOC_ARENA_MAX=8), repeatable")
     p.add_argument("--tracemalloc", action="store_true", help="dump tracemalloc snapshots of the server (slow)")
     p.add_argument("--mallinfo", action="store_true", help="record glibc mallinfo2() of the server after each chunk")
+    p.add_argument("--reanalyse", metavar="DIR", help="only redo the figures of an earlier run's soak.csv and "
+                   "soak.json in DIR, writing into --out")
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="only print the growth between two snapshots")
     p.add_argument("--out", default="docs", help="output folder (soak.csv, SOAK.md, soak.png)")
     args = p.parse_args(argv)
     if args.compare:
         print(compare_snapshots(*args.compare))
         return 0
+    if args.reanalyse:
+        return reanalyse(Path(args.reanalyse), Path(args.out), args.warmup_minutes * 60)
     from .samples import load_samples
 
     out = Path(args.out)
@@ -398,7 +430,6 @@ def main(argv: list[str] | None = None) -> int:
             sampler.stop()
         data = sampler.samples
     write_csv(data, out / "soak.csv")
-    fig = analyse(data, min(args.warmup_minutes * 60, data[-1].t_s / 3))
     p99 = [v for v in tally["p99_ms"] if np.isfinite(v)]
     meta = {"argv": " ".join(argv if argv is not None else sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
             "cpus": os.cpu_count(), "env": ", ".join(f"`{k}={v}`" for k, v in env.items()), "rate": rate,
@@ -406,11 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_summary": f"{tally['requests']:,} requests sent, {tally['ok']:,} answered 200, statuses "
                             f"{json.dumps(tally['statuses'])}, p99 per {args.chunk:g}-s chunk "
                             f"{min(p99, default=float('nan')):.0f}-{max(p99, default=float('nan')):.0f} ms"}
-    (out / "soak.json").write_text(json.dumps({"figures": fig, "meta": meta}, indent=2))
-    plot(data, fig, out / "soak.png", f"msdnet serve at {rate:g} requests/s: growth after warm-up "
-                                      f"{100 * fig['growth']:+.2f}%, {fig['slope_kb_per_min']:+.0f} KB/min")
-    write_report(out / "SOAK.md", report(fig, meta))
-    print(json.dumps(fig, indent=2))
+    fig = finish(data, args.warmup_minutes * 60, meta, out)
     return 0 if fig["plateau"] else 1
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import threading
 import time
@@ -230,8 +229,7 @@ class Runner:
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.malloc_trim  # glibc only
+        fn = ctypes.CDLL(None).malloc_trim  # the process's own C library; glibc has it, musl and macOS not
     except (OSError, AttributeError):
         return None
     fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int

@@ -248,7 +248,11 @@ def release_free_heap() -> bool:
     neighbours) the freed maps stay in glibc's arenas as free chunks between live
     ones, which ``free`` does not give back, so RSS ratchets up with each new peak
     (issue 10, item 15: 298 -> 345 MB in 8-10 MB steps; measured here: 458 MiB RSS
-    with 128 MiB free in the arenas after an overload, 333 MiB after one trim).
+    with 128 MiB free in the arenas after an overload, 333 MiB after one trim;
+    docs/SOAK.md). Costs about 10-20 ms on this model's heap; see malloc_trim(3).
+
+    Returns:
+        True when it trimmed.
     """
     if _malloc_trim is None:
         return False

@@ -174,11 +174,16 @@ def analyse(samples: list[Sample], warmup_s: float, window_s: float = 60.0) -> d
     warm_kb = float(np.median([s.rss_kb for s in after if s.t_s < warmup_s + window_s]))
     end_kb = float(np.median([s.rss_kb for s in after if s.t_s > end.t_s - window_s]))
     growth = (end_kb - warm_kb) / warm_kb
+    # The floor (lowest sample of a window, right after a trim) is what stays once in-flight work is done.
+    floor_warm = min(s.rss_kb for s in after if s.t_s < warmup_s + window_s)
+    floor_end = min(s.rss_kb for s in after if s.t_s > end.t_s - window_s)
     return {"warmup_s": warmup_s, "duration_s": end.t_s, "samples": len(samples), "window_s": window_s,
             "rss_start_mb": samples[0].rss_kb * 1024 / 1e6, "rss_warm_mb": warm_kb * 1024 / 1e6,
             "rss_warm_at_s": after[0].t_s, "rss_end_mb": end_kb * 1024 / 1e6,
             "rss_max_mb": max(s.rss_kb for s in samples) * 1024 / 1e6,
-            "growth": growth, "slope_kb_per_min": slope_per_s * 60, "slope_kb_per_request": per_request,
+            "growth": growth, "floor_warm_mb": floor_warm * 1024 / 1e6, "floor_end_mb": floor_end * 1024 / 1e6,
+            "floor_growth": (floor_end - floor_warm) / floor_warm,
+            "slope_kb_per_min": slope_per_s * 60, "slope_kb_per_request": per_request,
             "answered": end.answered, "plateau": growth < GOAL_GROWTH,
             "loadavg_1m_mean": float(np.mean([s.loadavg_1m for s in samples]))}
 
@@ -244,6 +249,8 @@ def report(fig: dict, meta: dict) -> str:
         f"(max over the run {fig['rss_max_mb']:.1f} MB) |",
         f"| growth, warm-up to end | **{100 * fig['growth']:+.2f}%** (goal: under {100 * GOAL_GROWTH:g}%: "
         f"{'met' if fig['plateau'] else 'NOT met'}) |",
+        f"| floor (lowest sample) of the minute after warm-up / of the last minute | {fig['floor_warm_mb']:.1f} / "
+        f"{fig['floor_end_mb']:.1f} MB ({100 * fig['floor_growth']:+.2f}%) |",
         f"| slope after warm-up (least squares) | {fig['slope_kb_per_min']:+.1f} KB/min |",
         f"| slope per request after warm-up | {per_req:+.4f} KB/request |" if per_req is not None else
         "| slope per request after warm-up | unknown |",

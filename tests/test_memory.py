@@ -152,6 +152,8 @@ def test_soak_figures_and_report_markers(tmp_path):
     assert fig["slope_kb_per_min"] == pytest.approx(10.24 * 60)
     assert fig["slope_kb_per_request"] == pytest.approx(10.24 / 100)
     assert fig["plateau"] is False
+    assert fig["floor_warm_mb"] == pytest.approx(103_000 * 1024 / 1e6)
+    assert fig["floor_end_mb"] == pytest.approx(105_500 * 1024 / 1e6)
     flat = analyse([Sample(t, 100_000 + (t % 20), 100 * t, 1.0) for t in range(0, 601, 10)], warmup_s=300)
     assert flat["plateau"] is True and abs(flat["slope_kb_per_min"]) < 1.0
 

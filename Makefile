@@ -3,7 +3,7 @@ PYTHON ?= python3
 CKPT ?= model/weights/fashion-mnist.pt
 PORT ?= 8000
 
-.PHONY: install install-system install-image-system image-test serve test mutants lint train calibrate evaluate e2e-full bench bench-smoke
+.PHONY: install install-system install-image-system image-test serve test mutants lint train calibrate evaluate e2e-full bench bench-smoke soak
 
 install-system:  ## Debian packages: the data set; Prometheus, Redis and Chromium (/docs) for the integration tests
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist prometheus redis-server \
@@ -55,3 +55,8 @@ bench:  ## docs/BENCHMARKS.md and plots (tens of minutes)
 
 bench-smoke:
 	$(PYTHON) -m loadtest.bench --out /tmp/msdnet-bench-smoke --smoke
+
+SOAK_MINUTES ?= 30
+SOAK_ARGS ?=
+soak:  ## server RSS under steady load at 80% of capacity for $(SOAK_MINUTES) min: docs/SOAK.md, soak.csv, soak.png
+	$(PYTHON) -m loadtest.soak --minutes $(SOAK_MINUTES) --out docs $(SOAK_ARGS)

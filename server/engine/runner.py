@@ -10,6 +10,7 @@ exit k's features (real early exit, lazy evaluation; ``model.network``).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import threading
 import time
@@ -62,6 +63,8 @@ class Runner:
         backend: what runs a block step, ``torch`` (eager) or ``onnxruntime`` (``server.engine.backends``;
             exported and checked for parity here, so a mismatch stops the server from starting).
         on_step: called after each step with (block 0-based, batch size, seconds, queue depths).
+        trim_interval_s: when the queues run empty, at most this often (seconds; 0 = never)
+            hand the C heap's free pages back to the system (:func:`release_free_heap`).
 
     Attributes:
         step_hook: test hook, None in production (one attribute test, no other
@@ -75,7 +78,7 @@ class Runner:
 
     def __init__(self, checkpoint: Checkpoint, *, max_batch_size: int, max_queue_delay_s: float,
                  max_queue_size: int, torch_threads: int, backend: str = "torch",
-                 on_step: Callable[[int, int, float, list[int]], None] | None = None):
+                 on_step: Callable[[int, int, float, list[int]], None] | None = None, trim_interval_s: float = 10.0):
         self.model = checkpoint.model.eval()
         self.backend = make_backend(backend, self.model, threads=torch_threads)
         cal = checkpoint.calibration
@@ -90,6 +93,9 @@ class Runner:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.ready = False
+        self.trim_interval_s = trim_interval_s
+        self._last_trim = time.monotonic()
+        self._steps_since_trim = 0
 
     # ---- event-loop side -------------------------------------------------
     def submit(self, images: list[np.ndarray], policies: list, deadlines: list[float | None],
@@ -158,24 +164,36 @@ class Runner:
             with self._cv:
                 if self._stop:
                     return
-                step = self.scheduler.next_step(time.monotonic())
-                if step is None or isinstance(step, float):
+                now = time.monotonic()
+                step = self.scheduler.next_step(now)
+                trim = (step is None and self._steps_since_trim > 0 and self.trim_interval_s > 0
+                        and now - self._last_trim >= self.trim_interval_s)
+                if not trim and (step is None or isinstance(step, float)):
                     self._cv.wait(timeout=step)
                     continue
-            block, batch, finished = step
-            for task, outcome in finished:
-                self._finish(task, outcome)
-            if batch:
-                if self.step_hook is not None:
-                    self.step_hook(block, batch)
-                try:
-                    self._run(block, batch)
-                except Exception as exc:  # a failed step fails its images, not the thread
-                    log.exception("block %d step failed", block + 1)
-                    with self._cv:
-                        self.scheduler.fail(batch)
-                    for task in batch:
-                        self._resolve_exception(task, exc)
+            if trim:  # idle: give the heap's free pages back (outside the lock; ~10-20 ms)
+                release_free_heap()
+                self._last_trim, self._steps_since_trim = time.monotonic(), 0
+                continue
+            self._steps_since_trim += 1
+            # The step's tasks live in _step's frame only, so while this thread waits
+            # it pins no finished task (nor its future, probabilities or batch state).
+            self._step(*step)
+
+    def _step(self, block: int, batch: list[Task], finished: list[tuple[Task, Outcome]]) -> None:
+        for task, outcome in finished:
+            self._finish(task, outcome)
+        if batch:
+            if self.step_hook is not None:
+                self.step_hook(block, batch)
+            try:
+                self._run(block, batch)
+            except Exception as exc:  # a failed step fails its images, not the thread
+                log.exception("block %d step failed", block + 1)
+                with self._cv:
+                    self.scheduler.fail(batch)
+                for task in batch:
+                    self._resolve_exception(task, exc)
 
     def _gather(self, block: int, batch: list[Task]) -> MSDState:
         if block == 0:
@@ -224,6 +242,39 @@ class Runner:
     def _resolve_exception(self, task: Task, exc: BaseException) -> None:
         data: ImageData = task.state
         data.loop.call_soon_threadsafe(_set_exception, data.future, exc)
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        fn = ctypes.CDLL(None).malloc_trim  # the process's own C library; glibc has it, musl and macOS not
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def release_free_heap() -> bool:
+    """Return the free pages of every glibc malloc arena to the system
+    (``malloc_trim(0)``); a no-op (False) where the C library is not glibc.
+
+    Why: the block steps allocate feature maps whose size follows the batch size
+    (up to ``max_batch_size`` images). After a burst (a backlog, CPU stolen by
+    neighbours) the freed maps stay in glibc's arenas as free chunks between live
+    ones, which ``free`` does not give back, so RSS ratchets up with each new peak
+    (issue 10, item 15: 298 -> 345 MB in 8-10 MB steps; measured here: 458 MiB RSS
+    with 128 MiB free in the arenas after an overload, 333 MiB after one trim;
+    docs/SOAK.md). Costs about 10-20 ms on this model's heap; see malloc_trim(3).
+
+    Returns:
+        True when it trimmed.
+    """
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True
 
 
 def _set_result(fut: asyncio.Future, value) -> None:

@@ -125,7 +125,7 @@ MUTANTS = [
     Mutant("deadline-from-after-decode", "server/http/routes.py",
            "(f,) = await service.classify([await decode_off_loop(service, data)], deadline, started)",
            "(f,) = await service.classify([await decode_off_loop(service, data)], deadline, time.monotonic())",
-           ARRIVAL,
+           ARRIVAL + ("tests/test_mutant_guards.py::test_slow_decoding_counts_against_the_deadline",),
            "/classify deadline counted from after decoding"),
     Mutant("batch-uses-command", "server/service.py", "point = self.keeper.point_for(budget / n)",
            "point = self.keeper.point_for(self.keeper.controller.command)",

@@ -91,14 +91,14 @@ def request_id(raw: bytes | None) -> str:
     return uuid.uuid4().hex[:16]
 
 
-def image_count(n: int, limit: int) -> None:
-    """Refuse a request with more than ``limit`` images.
+def image_count(n: int, limit: int, where: str = "request") -> None:
+    """Refuse a request with more than ``limit`` images (``where``: "/batch" or "request", for the message).
 
     Raises:
         errors.TooLarge: (413) when ``n > limit``.
     """
     if n > limit:
-        raise errors.TooLarge(f"{n} images; at most {limit} per request", max_images=limit)
+        raise errors.TooLarge(f"{n} images; at most {limit} per {where}", max_images=limit)
 
 
 def content_type(headers) -> str:

@@ -114,14 +114,14 @@ async def batch(request: Request, service: ReadyService) -> dict:
     limit = service.settings.max_batch_images
     if ctype == "application/json":
         body = await params.json_body(request, BatchRequest)
-        params.image_count(len(body.images), limit)
+        params.image_count(len(body.images), limit, "/batch")
         budget, encoded = body.flops_budget, [(s, f"images[{i}]") for i, s in enumerate(body.images)]
     elif ctype == "multipart/form-data":
         form = await request.form(max_files=limit + 1)
         uploads = [v for k, v in form.multi_items() if k in ("files", "file") and isinstance(v, UploadFile)]
         if not uploads:
             raise errors.BadRequest("multipart body needs one or more file fields named 'files'")
-        params.image_count(len(uploads), limit)
+        params.image_count(len(uploads), limit, "/batch")
         budget, encoded = params.positive_number(form.get("flops_budget"), "flops_budget"), None
         files = [await u.read() for u in uploads]
     else:

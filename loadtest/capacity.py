@@ -160,10 +160,12 @@ def ray(checkpoint: str, replicas: int, threads: int) -> ServerConfig:
                         "ray.serve")
 
 
-def msdnet(checkpoint: str, threads: int | None, last_exit_flops: int | None = None) -> ServerConfig:
+def msdnet(checkpoint: str, threads: int | None, last_exit_flops: int | None = None,
+           backend: str = "torch") -> ServerConfig:
     """msdnet-serve; ``threads`` None: its default torch threads; with
-    ``last_exit_flops``: forced to the last exit (``MSDNET_TARGET_FLOPS``)."""
-    env = {"MSDNET_ACCESS_LOG": "false", "MSDNET_LOG_LEVEL": "warning"}
+    ``last_exit_flops``: forced to the last exit (``MSDNET_TARGET_FLOPS``);
+    ``backend``: ``MSDNET_BACKEND`` (torch or onnxruntime)."""
+    env = {"MSDNET_ACCESS_LOG": "false", "MSDNET_LOG_LEVEL": "warning", "MSDNET_BACKEND": backend}
     if threads is not None:
         env["MSDNET_TORCH_THREADS"] = str(threads)
     family, label = "msdnet", "msdnet-serve, controller on"
@@ -171,6 +173,8 @@ def msdnet(checkpoint: str, threads: int | None, last_exit_flops: int | None = N
         env["MSDNET_TARGET_FLOPS"] = str(last_exit_flops)
         family, label = "msdnet-last", "msdnet-serve, forced to the last exit"
     config = "defaults" if threads is None else f"torch {threads} thread(s)"
+    if backend != "torch":
+        config += f", backend {backend}"
 
     def make() -> TreeServer:
         base = {k: v for k, v in os.environ.items() if k != "MSDNET_TORCH_THREADS"}
@@ -178,7 +182,8 @@ def msdnet(checkpoint: str, threads: int | None, last_exit_flops: int | None = N
         srv.env = {**base, **env}
         return srv
 
-    return ServerConfig(f"{family}-{'default' if threads is None else f't{threads}'}", family, label,
+    suffix = "" if backend == "torch" else "-ort"
+    return ServerConfig(f"{family}-{'default' if threads is None else f't{threads}'}{suffix}", family, label,
                         config + ", access log off", make)
 
 
@@ -190,8 +195,9 @@ def grid(checkpoint: str, last_exit_flops: int, smoke: bool) -> list[ServerConfi
                 msdnet(checkpoint, None, last_exit_flops)]
     return [litserve(checkpoint, 1, 1, 1), litserve(checkpoint, 2, 1, 1), litserve(checkpoint, 1, 2, 1),
             ray(checkpoint, 1, 1), ray(checkpoint, 2, 1),
-            msdnet(checkpoint, None), msdnet(checkpoint, 1),
-            msdnet(checkpoint, None, last_exit_flops), msdnet(checkpoint, 1, last_exit_flops)]
+            msdnet(checkpoint, None), msdnet(checkpoint, 1), msdnet(checkpoint, None, backend="onnxruntime"),
+            msdnet(checkpoint, None, last_exit_flops), msdnet(checkpoint, 1, last_exit_flops),
+            msdnet(checkpoint, None, last_exit_flops, backend="onnxruntime")]
 
 
 # ---------------------------------------------------------------------------- requests

@@ -7,14 +7,19 @@ elapsed time), never assumed faster than one.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import time
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from server.http import params
+from server.http.app import create_app
+from server.settings import Settings
 from tests.inprocess import ready_client
 
 
@@ -54,3 +59,24 @@ def test_slow_decoding_counts_against_the_deadline(client, monkeypatch):
     monkeypatch.setattr(service, "decode", slow)
     r = client.post("/classify", json={"image": base64.b64encode(png(1)).decode(), "deadline_ms": 60_000})
     assert r.status_code == 200 and r.json()["deadline_met"] is True, r.text
+
+
+def test_non_utf8_request_id_bytes_reach_the_app_unchanged_and_never_fail(tiny_checkpoint):
+    """Header bytes are decoded as Latin-1: ``\\xff\\xfe`` (not UTF-8) in X-Request-ID
+    gets a generated id, and a safe id is echoed. Through httpx's ASGI transport,
+    which passes header bytes as sent (Starlette's TestClient re-encodes them as
+    UTF-8, so it cannot send these bytes). Mutant ``http-request-id-utf8``."""
+    assert params.request_id(b"\xff\xfe") != "\xff\xfe" and len(params.request_id(b"\xff\xfe")) == 16
+    assert params.request_id(b"abc-1:x.y_z") == "abc-1:x.y_z"
+    app = create_app(Settings(checkpoint=tiny_checkpoint))  # no lifespan: /healthz needs no model
+
+    async def get(request_id: bytes) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await c.get("/healthz", headers={"X-Request-ID": request_id})
+
+    r = asyncio.run(get(b"\xff\xfe"))
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert len(r.headers["x-request-id"]) == 16 and r.headers["x-request-id"].isalnum()
+    r = asyncio.run(get(b"req-42"))
+    assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"

@@ -33,6 +33,7 @@ LATE = (B + "test_deadline_met_is_false_when_the_answer_comes_late",)
 ARRIVAL = (B + "test_the_deadline_counts_from_the_requests_arrival",)
 V2 = ("tests/test_v2.py::test_encoded_images_match_classify",)
 R = "tests/test_robustness.py::"
+G = "tests/test_mutant_guards.py::"
 
 MUTANTS = [
     # ---- scheduler ------------------------------------------------------------
@@ -125,7 +126,7 @@ MUTANTS = [
     Mutant("deadline-from-after-decode", "server/http/routes.py",
            "(f,) = await service.classify([await decode_off_loop(service, data)], deadline, started)",
            "(f,) = await service.classify([await decode_off_loop(service, data)], deadline, time.monotonic())",
-           ARRIVAL + ("tests/test_mutant_guards.py::test_slow_decoding_counts_against_the_deadline",),
+           ARRIVAL + (G + "test_slow_decoding_counts_against_the_deadline",),
            "/classify deadline counted from after decoding"),
     Mutant("batch-uses-command", "server/service.py", "point = self.keeper.point_for(budget / n)",
            "point = self.keeper.point_for(self.keeper.controller.command)",
@@ -247,7 +248,8 @@ MUTANTS = [
 
     # ---- added after the renovation: request parsing, non-finite outputs, decoding, budget keeper ------------
     Mutant("http-request-id-utf8", "server/http/params.py", 'text = raw.decode("latin-1")', "text = raw.decode()",
-           (R + "test_non_utf8_header_bytes_never_fail_a_request",),
+           (R + "test_non_utf8_header_bytes_never_fail_a_request",
+            G + "test_non_utf8_request_id_bytes_reach_the_app_unchanged_and_never_fail"),
            "X-Request-ID bytes decoded as UTF-8: a non-UTF-8 header fails the request"),
     Mutant("http-request-id-prefix", "server/http/params.py", "if _REQUEST_ID.fullmatch(text):",
            "if _REQUEST_ID.match(text):", (R + "test_request_ids_are_echoed_only_when_bounded_and_printable",),

@@ -161,19 +161,21 @@ def ray(checkpoint: str, replicas: int, threads: int) -> ServerConfig:
 
 
 def msdnet(checkpoint: str, threads: int | None, last_exit_flops: int | None = None,
-           backend: str = "torch") -> ServerConfig:
-    """msdnet-serve; ``threads`` None: its default torch threads; with
-    ``last_exit_flops``: forced to the last exit (``MSDNET_TARGET_FLOPS``);
-    ``backend``: ``MSDNET_BACKEND`` (torch or onnxruntime)."""
-    env = {"MSDNET_ACCESS_LOG": "false", "MSDNET_LOG_LEVEL": "warning", "MSDNET_BACKEND": backend}
+           backend: str | None = None) -> ServerConfig:
+    """msdnet-serve; ``threads`` None: its default threads; with ``last_exit_flops``:
+    forced to the last exit (``MSDNET_TARGET_FLOPS``); ``backend``: ``MSDNET_BACKEND``
+    (None: the server's default)."""
+    env = {"MSDNET_ACCESS_LOG": "false", "MSDNET_LOG_LEVEL": "warning"}
+    if backend is not None:
+        env["MSDNET_BACKEND"] = backend
     if threads is not None:
         env["MSDNET_TORCH_THREADS"] = str(threads)
     family, label = "msdnet", "msdnet-serve, controller on"
     if last_exit_flops is not None:
         env["MSDNET_TARGET_FLOPS"] = str(last_exit_flops)
         family, label = "msdnet-last", "msdnet-serve, forced to the last exit"
-    config = "defaults" if threads is None else f"torch {threads} thread(s)"
-    if backend != "torch":
+    config = "defaults" if threads is None else f"{threads} thread(s)"
+    if backend is not None:
         config += f", backend {backend}"
 
     def make() -> TreeServer:
@@ -182,7 +184,7 @@ def msdnet(checkpoint: str, threads: int | None, last_exit_flops: int | None = N
         srv.env = {**base, **env}
         return srv
 
-    suffix = "" if backend == "torch" else "-ort"
+    suffix = "" if backend is None else f"-{backend}"
     return ServerConfig(f"{family}-{'default' if threads is None else f't{threads}'}{suffix}", family, label,
                         config + ", access log off", make)
 
@@ -195,9 +197,10 @@ def grid(checkpoint: str, last_exit_flops: int, smoke: bool) -> list[ServerConfi
                 msdnet(checkpoint, None, last_exit_flops)]
     return [litserve(checkpoint, 1, 1, 1), litserve(checkpoint, 2, 1, 1), litserve(checkpoint, 1, 2, 1),
             ray(checkpoint, 1, 1), ray(checkpoint, 2, 1),
-            msdnet(checkpoint, None), msdnet(checkpoint, 1), msdnet(checkpoint, None, backend="onnxruntime"),
-            msdnet(checkpoint, None, last_exit_flops), msdnet(checkpoint, 1, last_exit_flops),
-            msdnet(checkpoint, None, last_exit_flops, backend="onnxruntime")]
+            msdnet(checkpoint, None), msdnet(checkpoint, 1, backend="torch"),
+            msdnet(checkpoint, 2, backend="torch"),
+            msdnet(checkpoint, None, last_exit_flops), msdnet(checkpoint, 1, last_exit_flops, backend="torch"),
+            msdnet(checkpoint, 2, last_exit_flops, backend="torch")]
 
 
 # ---------------------------------------------------------------------------- requests

@@ -44,11 +44,16 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, description="uvicorn workers; only 1: one process owns the model thread. "
                                         "Scale with replicas.")
-    torch_threads: int = Field(default_factory=lambda: max(1, min(4, usable_cpus())), ge=1,
-                               description="torch intra-op threads of the model thread.")
+    # Defaults measured best on a 2-core machine (docs/PEERS.md): the model thread's
+    # intra-op threads leave one core to the event loop and decoding (torch eager with
+    # 2 threads there served 13 req/s at the last exit, with 1 thread 164), and ONNX
+    # Runtime runs blocks about 2x faster than torch eager at the same thread count.
+    torch_threads: int = Field(default_factory=lambda: max(1, min(4, usable_cpus() - 1)), ge=1,
+                               description="Intra-op threads of the model thread (torch or ONNX Runtime); "
+                                           "default: usable CPUs - 1, at most 4.")
     backend: Literal["torch", "onnxruntime"] = Field(
-        "torch", description="What runs a block step: torch eager, or ONNX Runtime (one session per block, "
-                             "exported at start and checked against eager).")
+        "onnxruntime", description="What runs a block step: ONNX Runtime (one session per block, exported at "
+                                   "start and checked against torch eager), or torch eager (the reference).")
     max_batch_size: int = Field(64, ge=1, le=1024, description="Images per block step.")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="Longest wait of block 1 to fill a batch.")
     max_queue_size: int = Field(1024, ge=1, description="Images held at once; more get 503.")

@@ -13,13 +13,13 @@ from server.settings import Settings
 
 @contextlib.contextmanager
 def ready_client(checkpoint, ready_timeout_s: float = 60.0, **settings):
-    """A TestClient on ``checkpoint`` once ``/readyz`` answers 200 (one torch thread,
-    one warm-up round, unless ``settings`` say otherwise).
+    """A TestClient on ``checkpoint`` once ``/readyz`` answers 200 (torch eager blocks,
+    the reference, with one thread, one warm-up round, unless ``settings`` say otherwise).
 
     Raises:
         AssertionError: the server did not become ready within ``ready_timeout_s``.
     """
-    settings = {"torch_threads": 1, "warmup_rounds": 1, **settings}
+    settings = {"torch_threads": 1, "warmup_rounds": 1, "backend": "torch", **settings}
     with TestClient(create_app(Settings(checkpoint=checkpoint, **settings))) as c:
         deadline = time.monotonic() + ready_timeout_s
         while c.get("/readyz").status_code != 200:

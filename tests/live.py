@@ -12,7 +12,9 @@ class LiveServer(ServerProcess):
     """``with LiveServer(checkpoint, env) as srv: httpx.get(srv.url + "/healthz")``.
 
     ``msdnet serve`` with one torch thread and 2 warm-up rounds unless ``env`` says
-    otherwise, access log on (tests read it). Raises ``RuntimeError`` if the server
+    otherwise, torch eager blocks (the reference: tests compare with offline torch and
+    count torch modules; the ONNX Runtime backend has its own tests), access log on
+    (tests read it). Raises ``RuntimeError`` if the server
     exits or is not ready (``/readyz`` 200) within ``ready_timeout_s`` seconds. On
     exit it sends SIGTERM and waits; ``returncode`` and ``log`` are kept.
     """
@@ -20,7 +22,8 @@ class LiveServer(ServerProcess):
     def __init__(self, checkpoint=None, env: dict | None = None, args: list[str] | None = None,
                  ready_timeout_s: float = 120.0):
         super().__init__(serve_command(checkpoint, args),
-                         {"MSDNET_TORCH_THREADS": "1", "MSDNET_WARMUP_ROUNDS": "2", **(env or {})},
+                         {"MSDNET_TORCH_THREADS": "1", "MSDNET_WARMUP_ROUNDS": "2", "MSDNET_BACKEND": "torch",
+                          **(env or {})},
                          ready_timeout_s=ready_timeout_s, name="live")
 
     def stop(self, timeout: float = 30.0) -> int:

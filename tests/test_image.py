@@ -268,10 +268,12 @@ def exit_counts(metrics_text: str) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def reference() -> list[dict]:
     """Answers of ``msdnet serve`` outside the container, same checkpoint, same request
-    order (the budget controller moves thresholds per request), same torch threads
-    as the image's default (Settings: min(4, cpu_count))."""
-    threads = str(max(1, min(4, os.cpu_count() or 1)))
-    with LiveServer(env={"MSDNET_TORCH_THREADS": threads}) as srv:
+    order (the budget controller moves thresholds per request), the same default
+    backend and threads as the image (Settings' defaults on this machine)."""
+    from server.settings import Settings
+
+    default = Settings()
+    with LiveServer(env={"MSDNET_TORCH_THREADS": str(default.torch_threads), "MSDNET_BACKEND": default.backend}) as srv:
         return [classify(srv.url, p) for p in SAMPLES]
 
 

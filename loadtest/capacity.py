@@ -29,6 +29,8 @@ FLOPs = multiply-accumulates of convs and linears (MSDNet paper convention),
 cumulative to the exit an image leaves at.
 """
 
+# long file: the grid, search, trials and report of one benchmark (the report could move out).
+
 from __future__ import annotations
 
 import argparse

@@ -30,6 +30,8 @@ dumps a Python heap snapshot (compare two with ``--compare A B``; it slows the
 server several fold, so use a low rate). See docs/SOAK.md for what they showed.
 """
 
+# long file: one benchmark with its diagnostics (tracemalloc, mallinfo, re-analysis) and report.
+
 from __future__ import annotations
 
 import argparse

@@ -12,6 +12,8 @@ import base64
 import contextlib
 import io
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -493,10 +495,14 @@ def test_every_log_line_is_json_even_from_libraries(live):
 def test_several_worker_processes_are_refused_in_the_app(tiny_checkpoint):
     port = free_port()
     env = {**LiveServer(tiny_checkpoint).env, "MSDNET_CHECKPOINT": str(tiny_checkpoint)}
-    out = subprocess.run([sys.executable, "-m", "uvicorn", "--factory", "server.http.app:create_app", "--workers", "2",
-                          "--host", "127.0.0.1", "--port", str(port)], env=env, capture_output=True, text=True,
-                         timeout=240)
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "server.http.app:create_app", "--workers",
+                             "2", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=240)
+    finally:  # never leave uvicorn's worker processes behind, whatever happened
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     # uvicorn stops the whole server when a worker fails its startup (its parent then exits 0).
-    log = out.stderr + out.stdout
     assert "another worker process already serves this listening socket" in log
     assert "Application startup failed" in log and "stopping the parent process" in log

@@ -79,6 +79,8 @@ def where_time_goes(res: dict) -> str:
     if abs(f2 - f1) < 1e-9:
         return ""
     slope = (c2 - c1) / (f2 - f1)  # ms per MFLOP
+    if slope <= 0:  # noise swamps the FLOPs' share (short or smoke runs): no line to draw
+        return ""
     fixed = c1 - slope * f1
     text = (f"Where the time goes: at capacity each msdnet-serve process keeps about {u1:.2f} and {u2:.2f} CPU cores "
             f"busy (of {res['machine']['logical_cpus']}; the event loop and the model thread share one interpreter), "

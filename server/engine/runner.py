@@ -184,9 +184,9 @@ class Runner:
         for task, outcome in finished:
             self._finish(task, outcome)
         if batch:
-            if self.step_hook is not None:
-                self.step_hook(block, batch)
             try:
+                if self.step_hook is not None:
+                    self.step_hook(block, batch)
                 self._run(block, batch)
             except Exception as exc:  # a failed step fails its images, not the thread
                 log.exception("block %d step failed", block + 1)

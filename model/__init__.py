@@ -8,10 +8,15 @@ parts (``calibration``) load without torch.
 """
 
 from importlib import import_module
+from pathlib import Path
+
+# The shipped Fashion-MNIST checkpoint; here, not in ``checkpoint``, so that the
+# server's torch-free processes (HTTP workers) can name it.
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "fashion-mnist.pt"
 
 _EXPORTS = {"MSDNetConfig": "config", "PRESETS": "config", "preset": "config", "MSDNet": "network",
             "MSDState": "network"}
-__all__ = list(_EXPORTS)
+__all__ = [*_EXPORTS, "DEFAULT_CHECKPOINT"]
 
 
 def __getattr__(name):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import DEFAULT_CHECKPOINT
 from .config import MSDNetConfig
 from .costs import ExitCost, exit_costs
 from .curve import OperatingPoint
@@ -34,7 +35,6 @@ from .transforms import InputContract
 
 FORMAT = "msdnet-serve-checkpoint"
 VERSION = 1
-DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "fashion-mnist.pt"
 
 
 class CheckpointError(Exception):

@@ -6,16 +6,12 @@ import argparse
 import signal
 import sys
 
-from model.cli import add_commands, run
-
 
 def cmd_serve(args) -> int:
     import uvicorn
     from pydantic import ValidationError
 
     from . import logs
-    from .http.app import create_app
-    from .http.protocol import TimedHTTPProtocol
     from .settings import Settings
 
     overrides = {k: v for k, v in {
@@ -42,12 +38,85 @@ def cmd_serve(args) -> int:
         print(f"msdnet serve: error: {exc}", file=sys.stderr)
         return 2
     log_config = logs.configure(settings.log_level)
+    if settings.workers > 1:
+        return _serve_split(settings, overrides, log_config)
+    from .http.app import create_app
+    from .http.protocol import TimedHTTPProtocol
+
     # uvicorn drains on SIGTERM, then re-raises the signal; after a clean drain exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    protocol = TimedHTTPProtocol.configure(settings.receive_timeout_s, settings.max_pending_connections)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=log_config,
-                timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False, http=protocol)
+                timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False, http=TimedHTTPProtocol)
     return 0
+
+
+def _serve_split(settings, overrides: dict, log_config: dict) -> int:
+    """``--workers N``: one engine process (model, scheduler, controller) and N
+    uvicorn worker processes (HTTP, decoding) that reach it over ZeroMQ.
+
+    The engine starts first and warms up; the workers start once it answers. The
+    workers read their settings from the environment (uvicorn spawns them), so
+    every CLI flag is passed on as its ``MSDNET_*`` variable. Metrics go through
+    a fresh prometheus-client multiprocess directory (a stale one is emptied). If
+    the engine dies, the workers are stopped and the exit status is 1.
+    """
+    import logging
+    import multiprocessing
+    import os
+    import shutil
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    import uvicorn
+
+    from .http.protocol import TimedHTTPProtocol
+    from .ipc import engine
+
+    log = logging.getLogger("msdnet.cli")
+    run_dir = Path(tempfile.mkdtemp(prefix="msdnet-"))
+    metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or run_dir / "metrics")
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in metrics_dir.glob("*.db"):  # values of an earlier run would be added to this one's
+        stale.unlink()
+    address = f"ipc://{run_dir / 'engine.sock'}"
+    os.environ.update({f"MSDNET_{k.upper()}": str(v) for k, v in overrides.items()})
+    os.environ.update({"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "MSDNET_ENGINE_ADDRESS": address})
+
+    spawn = multiprocessing.get_context("spawn")
+    ready = spawn.Event()
+    proc = spawn.Process(target=engine.run, args=(settings, address, ready), name="msdnet-engine")
+    proc.start()
+    while not ready.wait(0.2):
+        if not proc.is_alive():
+            print(f"msdnet serve: error: the engine process exited with code {proc.exitcode} while starting",
+                  file=sys.stderr)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return 1
+    stopping = threading.Event()
+    engine_died = threading.Event()
+
+    def watch() -> None:  # the engine gone: stop the workers (uvicorn's supervisor handles SIGTERM)
+        proc.join()
+        if not stopping.is_set():
+            engine_died.set()
+            log.error("the engine process exited with code %s: stopping the workers", proc.exitcode)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="engine-watch", daemon=True).start()
+    try:
+        uvicorn.run("server.http.app:create_app", factory=True, workers=settings.workers, host=settings.host,
+                    port=settings.port, log_config=log_config, timeout_graceful_shutdown=settings.drain_timeout_s,
+                    access_log=False, http=TimedHTTPProtocol)
+    finally:
+        stopping.set()
+        if proc.is_alive():
+            proc.terminate()  # SIGTERM: the engine answers what it holds, then stops
+            proc.join(settings.drain_timeout_s + 5)
+            if proc.is_alive():
+                proc.kill()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 1 if engine_died.is_set() else 0
 
 
 def cmd_batch_eval(args) -> int:
@@ -79,6 +148,8 @@ def cmd_batch_eval(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from model.cli import add_commands, run  # here: HTTP worker processes import this module without torch
+
     parser = argparse.ArgumentParser(prog="msdnet", description="MSDNet: train, calibrate, evaluate and serve "
                                      "an early-exit image classifier.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="checkpoint to serve (default: the shipped Fashion-MNIST model)")
     p.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in the container)")
     p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--workers", type=int, help="must be 1: scale out with replicas")
+    p.add_argument("--workers", type=int, help="HTTP worker processes (default 1: one process); N > 1 adds one "
+                   "engine process that owns the model, the scheduler and the budget controller")
     p.add_argument("--target-flops", type=float, help="target mean FLOPs per /classify request")
     p.add_argument("--torch-threads", type=int)
     p.add_argument("--max-batch-size", type=int)

@@ -6,14 +6,22 @@ in ``_total``. Labels have few values: ``exit`` and ``block`` are 1..K, ``endpoi
 is a route path, ``status`` an HTTP code, ``reason`` one of :data:`REJECT_REASONS`.
 
 Each :class:`Metrics` owns its registry, so tests and several apps in one process
-do not collide. One server process serves one model thread; several uvicorn
-workers are refused (see ``server.settings``), so multiprocess mode is not needed.
+do not collide. With ``msdnet serve --workers N`` (N HTTP worker processes and
+one engine process) every process writes its values to prometheus-client's
+multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``, made fresh by the CLI) and
+a scrape of any worker reads all of them (:meth:`Metrics.exposition`): HTTP
+counts come from the workers, exits, FLOPs, thresholds and queues from the
+engine, and every scrape shows the whole replica. Gauges are written by the
+engine only (``mostrecent``).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import os
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+MODEL_INFO_LABELS = ("checkpoint", "num_exits", "classes", "image_size", "exit_flops")
 REJECT_REASONS = ("queue_full", "deadline", "bad_request", "unsupported_media", "too_large",
                   "invalid_parameter", "budget_too_small", "timeout", "non_finite_output")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -29,6 +37,7 @@ class Metrics:
     """
 
     def __init__(self, num_exits: int, exit_flops: list[int]):
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = r = CollectorRegistry()
         self.exits = Counter("msdnet_exits_total", "Requests (images) answered at each exit.", ["exit"], registry=r)
         self.requests = Counter("msdnet_requests_total", "HTTP requests by endpoint and status code.",
@@ -42,17 +51,19 @@ class Metrics:
                                        "(multiply-accumulates); buckets at each exit's cumulative cost.",
                                        buckets=buckets, registry=r)
         self.target = Gauge("msdnet_target_flops_per_request", "Budget controller's target mean FLOPs "
-                            "per /classify request.", registry=r)
+                            "per /classify request.", registry=r, multiprocess_mode="mostrecent")
         self.realised = Gauge("msdnet_realised_flops_per_request", "Mean FLOPs per /classify request over "
-                              "the controller's last window (1,000 requests).", registry=r)
+                              "the controller's last window (1,000 requests).", registry=r,
+                              multiprocess_mode="mostrecent")
         self.fleet_realised = Gauge("msdnet_fleet_flops_per_request", "Fleet-wide mean FLOPs per /classify "
                                     "request as this replica sees it (equals the local mean in local mode).",
-                                    registry=r)
+                                    registry=r, multiprocess_mode="mostrecent")
         self.fleet_mode = Gauge("msdnet_fleet_mode", "1 while steering on the fleet-wide mean through Redis, "
-                                "0 in local mode.", registry=r)
+                                "0 in local mode.", registry=r, multiprocess_mode="mostrecent")
         self.threshold = Gauge("msdnet_exit_threshold", "Current confidence threshold of each exit.", ["exit"],
-                               registry=r)
-        self.queue_depth = Gauge("msdnet_queue_depth", "Images waiting at each block.", ["block"], registry=r)
+                               registry=r, multiprocess_mode="mostrecent")
+        self.queue_depth = Gauge("msdnet_queue_depth", "Images waiting at each block.", ["block"], registry=r,
+                                 multiprocess_mode="mostrecent")
         self.batch_size = Histogram("msdnet_batch_size", "Images per block step.", ["block"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.deadline_requests = Counter("msdnet_deadline_requests_total", "Requests that carried a deadline.",
@@ -61,9 +72,25 @@ class Metrics:
                                        "or refused with 504.", registry=r)
         self.rejected = Counter("msdnet_rejected_requests_total", "Requests refused, by reason.", ["reason"],
                                 registry=r)
-        self.model = Info("msdnet_model", "The served model.", registry=r)
+        # A gauge, not an Info (Info does not work in multiprocess mode); the same exposition line.
+        self.model = Gauge("msdnet_model_info", "The served model (value 1; the labels describe it).",
+                           MODEL_INFO_LABELS, registry=r, multiprocess_mode="max")
         for k in range(1, num_exits + 1):
             self.exits.labels(exit=str(k))
-            self.queue_depth.labels(block=str(k)).set(0)
+            if not self.multiprocess:  # in multiprocess mode only the engine writes gauges
+                self.queue_depth.labels(block=str(k)).set(0)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this registry, or, in multiprocess mode, every
+        process's values merged (prometheus-client's ``MultiProcessCollector``)."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+
+    def set_model_info(self, **labels: str) -> None:
+        """``msdnet_model_info{...} 1`` with the :data:`MODEL_INFO_LABELS` given."""
+        self.model.labels(**{k: labels[k] for k in MODEL_INFO_LABELS}).set(1)

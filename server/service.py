@@ -14,19 +14,20 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-
-from model.checkpoint import Checkpoint
 
 from . import errors
 from .budget.controller import BudgetController
 from .budget.keeper import BudgetKeeper, BudgetView
-from .engine.runner import Finished, Runner
-from .engine.scheduler import BudgetPolicy, Outcome, QueueFull, Task, ThresholdPolicy
+from .engine.scheduler import BudgetPolicy, Finished, Outcome, QueueFull, Task, ThresholdPolicy
 from .images import decode
 from .metrics import Metrics
 from .settings import Settings
+
+if TYPE_CHECKING:  # torch only where the model runs: HTTP worker processes import this module too
+    from model.checkpoint import Checkpoint
 
 log = logging.getLogger("msdnet.service")
 
@@ -72,6 +73,8 @@ class Service:
     """
 
     def __init__(self, checkpoint: Checkpoint, settings: Settings, metrics: Metrics | None = None):
+        from .engine.runner import Runner
+
         cal = checkpoint.calibration
         if cal is None:
             from model.checkpoint import CheckpointError
@@ -93,9 +96,9 @@ class Service:
                              backend=settings.backend, on_step=self._on_step)
         self._classify_policy = ThresholdPolicy(self.keeper.thresholds)
         self.fleet = None  # a server.budget.fleet.Fleet when a Redis URL is configured
-        self.metrics.model.info({"checkpoint": str(checkpoint.path or ""), "num_exits": str(self.num_exits),
-                                 "classes": str(len(self.classes)), "image_size": str(self.transforms.image_size),
-                                 "exit_flops": ",".join(str(f) for f in self.exit_flops)})
+        self.metrics.set_model_info(checkpoint=str(checkpoint.path or ""), num_exits=str(self.num_exits),
+                                    classes=str(len(self.classes)), image_size=str(self.transforms.image_size),
+                                    exit_flops=",".join(str(f) for f in self.exit_flops))
         self._export_budget(self.keeper)
 
     @property
@@ -121,8 +124,9 @@ class Service:
         self.runner.stop(timeout_s)
 
     # ---- budget -----------------------------------------------------------------
-    def set_target(self, target: float) -> None:
-        """Change the target mean FLOPs per /classify request (the fleet's too in fleet mode).
+    async def set_target(self, target: float) -> None:
+        """Change the target mean FLOPs per /classify request (the fleet's too in fleet mode);
+        async like :class:`server.ipc.client.EngineClient`'s.
 
         Raises:
             ValueError: outside [exit 1's cost, last exit's cost].
@@ -131,7 +135,8 @@ class Service:
         if self.fleet is not None:
             self.fleet.publish_target(target)
 
-    def budget(self) -> BudgetReport:
+    async def budget(self) -> BudgetReport:
+        """The controller's state now (async like :class:`server.ipc.client.EngineClient`'s)."""
         fleet_on = self.fleet is not None and self.fleet.connected
         return BudgetReport(self.keeper.view(), "fleet" if fleet_on else "local",
                             self.fleet.fleet_mean() if self.fleet is not None else None)

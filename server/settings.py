@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.checkpoint import DEFAULT_CHECKPOINT
+from model import DEFAULT_CHECKPOINT
 
 
 def usable_cpus() -> int:
@@ -42,8 +42,11 @@ class Settings(BaseSettings):
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="Checkpoint to serve (default: the shipped model).")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, description="uvicorn workers; only 1: one process owns the model thread. "
-                                        "Scale with replicas.")
+    workers: int = Field(1, ge=1, le=64, description="HTTP worker processes. 1: the whole replica in one "
+                         "process. N > 1: N uvicorn workers (HTTP, JSON, image decoding) and one engine process "
+                         "(model, scheduler, budget controller) they reach over ZeroMQ (server.ipc).")
+    engine_address: str | None = Field(None, description="Set by 'msdnet serve --workers N' for its workers: "
+                                       "the engine process's ZeroMQ endpoint. Unset: load the model here.")
     # Defaults measured best on a 2-core machine (docs/PEERS.md): the model thread's
     # intra-op threads leave one core to the event loop and decoding (torch eager with
     # 2 threads there served 13 req/s at the last exit, with 1 thread 164), and ONNX
@@ -81,11 +84,3 @@ class Settings(BaseSettings):
     fleet_stale_after_s: float = Field(10.0, gt=0, description="A replica silent this long leaves the fleet.")
     fleet_horizon: float = Field(200.0, gt=0, description="Requests over which the fleet's overspend is paid "
                                                           "back (longer than local: fleet figures arrive late).")
-
-    @field_validator("workers")
-    @classmethod
-    def _one_worker(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("workers must be 1: each process runs one model thread and its own controller; "
-                             "run more replicas (containers or pods) to scale out")
-        return v

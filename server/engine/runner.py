@@ -24,7 +24,7 @@ from model.checkpoint import Checkpoint
 from model.network import MSDState
 
 from .backends import make_backend
-from .scheduler import BlockScheduler, LatencyModel, Outcome, Task
+from .scheduler import BlockScheduler, Finished, LatencyModel, Outcome, Task  # Finished: re-exported
 
 log = logging.getLogger("msdnet.runner")
 
@@ -40,17 +40,6 @@ class ImageData:
     batch_state: MSDState | None = None  # the step's batch state holding this image's features
     row: int = 0
     probs: np.ndarray | None = None  # (num_classes,) at the newest exit
-
-
-@dataclass
-class Finished:
-    """An image's answer: exit (0 = nothing computed), probabilities there, FLOPs."""
-
-    outcome: Outcome
-    exit: int
-    probs: np.ndarray | None
-    flops: int
-    confidence: float | None
 
 
 class Runner:

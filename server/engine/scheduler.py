@@ -23,7 +23,10 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class QueueFull(Exception):
@@ -43,6 +46,19 @@ class Outcome(enum.Enum):
     BUDGET = "budget"         # its batch's FLOPs budget cannot pay for the next block
     EXPIRED = "expired"       # deadline passed before exit 1 could run: nothing computed
     NON_FINITE = "non_finite"  # the exit's logits are NaN or infinite: no answer, no further block
+
+
+@dataclass
+class Finished:
+    """An image's answer: outcome, exit (1-based; 0 = nothing computed), probabilities
+    there ``(num_classes,)`` float32 (None when nothing was computed), FLOPs
+    (cumulative to the exit) and the confidence that decided."""
+
+    outcome: Outcome
+    exit: int
+    probs: np.ndarray | None
+    flops: int
+    confidence: float | None
 
 
 class ExitPolicy(Protocol):

@@ -21,8 +21,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.checkpoint import load as load_checkpoint
-
 from .. import errors
 from ..service import Service
 from ..settings import Settings
@@ -90,7 +88,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI application. The lifespan loads the checkpoint, starts the
-    model thread (``/readyz`` turns 200 after its warm-up) and stops it on exit.
+    model thread (``/readyz`` turns 200 after its warm-up) and stops it on exit;
+    or, with ``settings.engine_address`` (a worker of ``msdnet serve --workers N``),
+    connects to the replica's engine process instead (``server.ipc``).
 
     Raises (at startup):
         model.checkpoint.CheckpointError: when the checkpoint cannot be served.
@@ -101,17 +101,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        listener.claim()  # one process per replica, however the app was started
-        service = Service(load_checkpoint(settings.checkpoint, calibrated=True), settings)
+        TimedHTTPProtocol.configure(settings.receive_timeout_s, settings.max_pending_connections)
+        if settings.engine_address:  # one of `msdnet serve --workers N`: the model is in the engine process
+            from ..ipc.client import EngineClient
+
+            service = EngineClient(settings.engine_address, settings)
+            await service.connect(timeout_s=60.0)
+            stop = service.close
+        else:  # the whole replica in this process
+            from model.checkpoint import load as load_checkpoint
+
+            listener.claim()  # one process per replica, however the app was started
+            service = Service(load_checkpoint(settings.checkpoint, calibrated=True), settings)
+            service.start()
+            stop = functools.partial(asyncio.to_thread, service.stop, settings.drain_timeout_s)
         TimedHTTPProtocol.on_reject = functools.partial(_count_slow_client, service)
-        service.start()
         app.state.service = service
-        log.info("serving %s: %d exits, target %.0f FLOPs per request", settings.checkpoint,
-                 service.num_exits, service.keeper.target)
+        log.info("serving %s: %d exits (%s)", settings.checkpoint, service.num_exits,
+                 f"engine at {settings.engine_address}" if settings.engine_address else "model in this process")
         try:
             yield
         finally:
-            await asyncio.to_thread(service.stop, settings.drain_timeout_s)
+            await stop()
 
     app = FastAPIOffline(title="msdnet-serve", version="0.1.0", lifespan=lifespan,
                          description="Image classification with MSDNet early exit: each image gets only the compute "

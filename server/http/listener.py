@@ -1,9 +1,10 @@
 """Refuse to run as one of several worker processes of one server.
 
-One process owns the model thread, the scheduler, the budget controller and the
-metrics registry. ``msdnet serve`` refuses ``--workers`` above 1, but
-``uvicorn --factory server.http.app:create_app --workers 2`` or gunicorn with several
-workers would start the app in several processes sharing one listening socket:
+A process that loads the model owns the model thread, the scheduler, the budget
+controller and the metrics registry. ``msdnet serve --workers N`` runs N HTTP
+workers against one engine process (``server.ipc``; the workers skip this check),
+but ``uvicorn --factory server.http.app:create_app --workers 2`` or gunicorn with
+several workers would load the model in several processes sharing one listening socket:
 each would keep its own controller and metrics, and a scrape would see one
 process's counts. Those processes hold the same socket (the same inode), so the
 first takes an exclusive lock named after it and any other one fails its startup
@@ -72,7 +73,7 @@ def claim() -> None:
         except BlockingIOError:
             f.close()
             raise SharedListener(
-                "another worker process already serves this listening socket: msdnet-serve runs one process "
-                "per replica (it owns the model thread, the budget controller and the metrics); start it with "
-                "'msdnet serve' or with --workers 1, and scale out with replicas") from None
+                "another worker process already serves this listening socket with its own model: a replica "
+                "has one model thread, one budget controller and one set of metrics; for several HTTP worker "
+                "processes use 'msdnet serve --workers N' (one engine process shared by N workers)") from None
         _held.append(f)

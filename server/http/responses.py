@@ -16,7 +16,7 @@ import numpy as np
 from fastapi.responses import JSONResponse
 
 from .. import errors
-from ..engine.runner import Finished
+from ..engine.scheduler import Finished
 from ..service import BatchOutcome, BudgetReport, Service
 from .schemas import ErrorBody
 

@@ -15,7 +15,7 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -146,7 +146,7 @@ async def batch(request: Request, service: ReadyService) -> dict:
             summary="Budget controller state")
 async def get_budget(service: ReadyService) -> dict:
     """Target and realised mean FLOPs per /classify request and the thresholds."""
-    return budget_state(service.budget())
+    return budget_state(await service.budget())
 
 
 @router.put("/budget", response_model=BudgetState, responses=error_responses(401, 403, 408, 413, 422, 503),
@@ -165,11 +165,11 @@ async def put_budget(request: Request, service: ReadyService) -> dict:
         raise errors.Unauthorized("missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
     body = await params.json_body(request, BudgetUpdate)
     try:
-        service.set_target(body.target_flops)
+        await service.set_target(body.target_flops)
     except ValueError as exc:
         raise errors.InvalidParameter(str(exc), field="target_flops") from None
     log.info("budget target set to %.0f FLOPs per request", body.target_flops)
-    return budget_state(service.budget())
+    return budget_state(await service.budget())
 
 
 @router.get("/healthz", summary="Liveness", response_model=Status, responses=error_responses())
@@ -187,4 +187,4 @@ async def readyz(service: ReadyService) -> dict:
     200: {"description": "Prometheus text exposition format",
           "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}, **error_responses(503)})
 async def metrics(service: LoadedService) -> Response:
-    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,164 @@
+"""The engine as an HTTP worker process sees it.
+
+:class:`EngineClient` has the part of :class:`server.service.Service` that the
+HTTP layer uses (``decode``, ``classify``, ``batch``, ``budget``, ``set_target``,
+the model's metadata, ``settings``, ``metrics``), so ``server.http`` serves the
+same routes in one process or as one of ``--workers N``. Images are decoded here,
+on the worker's threads, and cross to the engine process as raw float32 arrays
+(``server.ipc.wire``). No torch is imported in a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from model.transforms import InputContract
+
+from .. import errors
+from ..budget.keeper import BudgetView
+from ..engine.scheduler import Finished
+from ..images import decode
+from ..metrics import Metrics
+from ..service import BatchOutcome, BudgetReport
+from ..settings import Settings
+from . import wire
+
+log = logging.getLogger("msdnet.client")
+
+
+class EngineClient:
+    """One worker's connection to its replica's engine process (a ZeroMQ DEALER socket).
+
+    Args:
+        address: the engine's ZeroMQ endpoint (``MSDNET_ENGINE_ADDRESS``).
+        settings: this worker's settings (the same environment as the engine's).
+
+    Use from one event loop: :meth:`connect` first, :meth:`close` last.
+    """
+
+    def __init__(self, address: str, settings: Settings):
+        self.address = address
+        self.settings = settings
+        self.metrics: Metrics | None = None
+        self.classes: list[str] = []
+        self.exit_flops: list[int] = []
+        self.transforms: InputContract | None = None
+        self.target_flops = 0.0
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._sock = None
+        self._receiver: asyncio.Task | None = None
+        self._ready = False
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_flops)
+
+    @property
+    def ready(self) -> bool:
+        """Connected and the engine answered (it answers only once warm)."""
+        return self._ready
+
+    async def connect(self, timeout_s: float) -> None:
+        """Connect and fetch the model's metadata.
+
+        Raises:
+            TimeoutError: the engine did not answer within ``timeout_s`` seconds.
+        """
+        self._sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.address)
+        self._receiver = asyncio.ensure_future(self._receive())
+        meta, _ = await asyncio.wait_for(self._call({"op": "hello"}), timeout_s)
+        self.classes = list(meta["classes"])
+        self.exit_flops = [int(f) for f in meta["exit_flops"]]
+        self.transforms = InputContract.from_transforms(meta["transforms"])
+        self.target_flops = float(meta["target_flops"])
+        self.metrics = Metrics(self.num_exits, self.exit_flops)
+        self._ready = bool(meta["ready"])
+
+    async def close(self) -> None:
+        """Stop receiving; requests still waiting get 503."""
+        self._ready = False
+        if self._receiver is not None:
+            self._receiver.cancel()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(errors.NotReady("the engine process stopped"))
+        self._pending.clear()
+        if self._sock is not None:
+            self._sock.close()
+
+    async def _receive(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                header, array = wire.unpack(frames)
+            except wire.WireError as exc:
+                log.error("dropped a malformed reply: %s", exc)
+                continue
+            fut = self._pending.pop(header.get("id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result((header, array))
+
+    async def _call(self, header: dict, array: np.ndarray | None = None) -> tuple[dict, np.ndarray | None]:
+        """Send one request and wait for its reply.
+
+        Raises:
+            errors.ServiceError: the one the engine answered with.
+        """
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            await self._sock.send_multipart(wire.pack({**header, "id": rid}, array))
+            reply, out = await fut
+        finally:
+            self._pending.pop(rid, None)
+        if "error" in reply:
+            raise wire.error_from_wire(reply["error"])
+        return reply, out
+
+    # ---- the Service surface the HTTP layer uses -------------------------------------
+    def decode(self, data: bytes) -> np.ndarray:
+        """As :meth:`server.service.Service.decode` (runs here, in the worker)."""
+        return decode(data, self.transforms, self.settings.max_image_pixels)
+
+    async def classify(self, images: list[np.ndarray], deadline_ms: float | None, started: float) -> list[Finished]:
+        """As :meth:`server.service.Service.classify`, run by the engine process
+        (``started`` is ``time.monotonic()``: one clock for all processes on a host)."""
+        reply, probs = await self._call({"op": "classify", "deadline_ms": deadline_ms, "started": started},
+                                        np.stack(images))
+        return wire.finished_from_wire(reply["results"], probs)
+
+    async def batch(self, items: list[np.ndarray | errors.ServiceError], flops_budget: float | None,
+                    started: float) -> BatchOutcome:
+        """As :meth:`server.service.Service.batch`, run by the engine process."""
+        good = [x for x in items if not isinstance(x, errors.ServiceError)]
+        bad = {str(i): wire.error_to_wire(x) for i, x in enumerate(items) if isinstance(x, errors.ServiceError)}
+        reply, probs = await self._call({"op": "batch", "n": len(items), "errors": bad, "flops_budget": flops_budget,
+                                         "started": started}, np.stack(good) if good else None)
+        served = iter(wire.finished_from_wire(reply["results"], probs))
+        failed = {int(i): wire.error_from_wire(e) for i, e in reply["errors"].items()}
+        results = [failed[i] if i in failed else next(served) for i in range(len(items))]
+        return BatchOutcome(results, int(reply["flops_used"]), float(reply["flops_budget"]),
+                            dict(reply["exit_counts"]))
+
+    async def budget(self) -> BudgetReport:
+        reply, _ = await self._call({"op": "budget"})
+        v = reply["view"]
+        return BudgetReport(BudgetView(**{**v, "thresholds": tuple(v["thresholds"])}), reply["mode"],
+                            reply["fleet_realised_flops"])
+
+    async def set_target(self, target: float) -> None:
+        """Raises: ValueError: outside [exit 1's cost, last exit's cost] (as the service's)."""
+        try:
+            await self._call({"op": "set_target", "target_flops": float(target)})
+        except errors.InvalidParameter as exc:
+            raise ValueError(exc.message) from None

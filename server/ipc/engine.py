@@ -1,0 +1,158 @@
+"""The engine process: one per replica, it owns the model, the scheduler and the
+budget controller (a :class:`server.service.Service`), and answers the HTTP
+worker processes over one ZeroMQ ROUTER socket (``server.ipc.wire`` messages).
+
+Workers send images already decoded (float32 ``(N, C, H, W)``), so this process
+does no HTTP, JSON or image decoding: its event loop only unpacks frames, submits
+to the model thread and packs answers. Started by ``msdnet serve --workers N``
+(``server.cli``) with :func:`run` as a ``multiprocessing`` spawn target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+
+import zmq
+import zmq.asyncio
+
+from .. import errors
+from ..service import Service
+from ..settings import Settings
+from . import wire
+
+log = logging.getLogger("msdnet.engine")
+
+
+class EngineServer:
+    """Answers :mod:`server.ipc.wire` requests with a :class:`Service`.
+
+    Args:
+        service: the replica's service (started by the caller).
+        address: ZeroMQ endpoint to bind, e.g. ``ipc:///run/msdnet/engine.sock``.
+    """
+
+    def __init__(self, service: Service, address: str):
+        self.service = service
+        self.address = address
+        self._tasks: set[asyncio.Task] = set()
+
+    def hello(self) -> dict:
+        """What a worker needs to decode images and shape answers."""
+        s = self.service
+        return {"ready": s.ready, "classes": list(s.classes), "exit_flops": [int(f) for f in s.exit_flops],
+                "transforms": s.transforms.to_transforms(), "target_flops": float(s.keeper.target)}
+
+    async def handle(self, header: dict, images) -> tuple[dict, object]:
+        """One request's reply ``(header, array or None)``; a :class:`ServiceError` becomes an ``error`` reply."""
+        s, op = self.service, header.get("op")
+        try:
+            if op == "hello":
+                return self.hello(), None
+            if op == "classify":
+                done = await s.classify(list(images), header.get("deadline_ms"), header["started"])
+                rows, probs = wire.finished_to_wire(done, len(s.classes))
+                return {"results": rows}, probs
+            if op == "batch":
+                bad = {int(i): wire.error_from_wire(e) for i, e in header.get("errors", {}).items()}
+                good = iter(images if images is not None else ())
+                items = [bad[i] if i in bad else next(good) for i in range(header["n"])]
+                out = await s.batch(items, header.get("flops_budget"), header["started"])
+                served = [r for r in out.results if not isinstance(r, errors.ServiceError)]
+                rows, probs = wire.finished_to_wire(served, len(s.classes))
+                return {"results": rows, "errors": {str(i): wire.error_to_wire(r) for i, r in enumerate(out.results)
+                                                    if isinstance(r, errors.ServiceError)},
+                        "flops_used": out.flops_used, "flops_budget": out.flops_budget,
+                        "exit_counts": out.exit_counts}, probs
+            if op == "budget":
+                report = await s.budget()
+                v = report.view
+                return {"view": {**v.__dict__, "thresholds": list(v.thresholds)}, "mode": report.mode,
+                        "fleet_realised_flops": report.fleet_realised_flops}, None
+            if op == "set_target":
+                try:
+                    await s.set_target(float(header["target_flops"]))
+                except ValueError as exc:
+                    raise errors.InvalidParameter(str(exc), field="target_flops") from None
+                return {}, None
+            raise errors.BadRequest(f"unknown engine operation {op!r}")
+        except errors.ServiceError as exc:
+            return {"error": wire.error_to_wire(exc)}, None
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the engine
+            log.error("engine request %s failed: %s", op, type(exc).__name__, exc_info=exc)
+            return {"error": wire.error_to_wire(errors.ServiceError(f"engine error ({type(exc).__name__})"))}, None
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Answer requests until ``stop`` is set; requests in flight then finish first."""
+        ctx = zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.bind(self.address)
+
+        async def answer(ident: bytes, frames: list) -> None:
+            try:
+                header, images = wire.unpack(frames)
+            except wire.WireError as exc:
+                log.error("dropped a malformed message: %s", exc)
+                return
+            reply, array = await self.handle(header, images)
+            await sock.send_multipart([ident, *wire.pack({"id": header.get("id"), **reply}, array)])
+
+        receiving = asyncio.ensure_future(sock.recv_multipart())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if stopping.done():
+                    receiving.cancel()
+                    break
+                ident, *frames = receiving.result()
+                task = asyncio.ensure_future(answer(ident, frames))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                receiving = asyncio.ensure_future(sock.recv_multipart())
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=self.service.settings.drain_timeout_s)
+        finally:
+            sock.close()
+
+
+def run(settings: Settings, address: str, ready: threading.Event | None = None) -> None:
+    """The engine process's main: load, warm up, then serve ``address`` until SIGTERM/SIGINT.
+
+    ``ready`` (a ``multiprocessing.Event``) is set once the model is warm and the
+    socket is bound; the CLI starts the HTTP workers after that.
+
+    Raises:
+        model.checkpoint.CheckpointError: the checkpoint cannot be served.
+    """
+    from model.checkpoint import load
+
+    from .. import logs
+
+    logs.configure(settings.log_level)
+    service = Service(load(settings.checkpoint, calibrated=True), settings)
+    service.start()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        while not service.ready:  # warm-up runs on the model thread
+            await asyncio.sleep(0.05)
+        server = EngineServer(service, address)
+        serving = asyncio.ensure_future(server.serve(stop))
+        await asyncio.sleep(0)  # let serve() bind before workers are told to connect
+        if ready is not None:
+            ready.set()
+        log.info("engine serving %s on %s: %d exits, target %.0f FLOPs per request", settings.checkpoint,
+                 address, service.num_exits, service.keeper.target)
+        await serving
+
+    try:
+        asyncio.run(main())
+    finally:
+        service.stop(settings.drain_timeout_s)

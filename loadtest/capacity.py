@@ -163,11 +163,13 @@ def ray(checkpoint: str, replicas: int, threads: int) -> ServerConfig:
 
 
 def msdnet(checkpoint: str, threads: int | None, last_exit_flops: int | None = None,
-           backend: str | None = None) -> ServerConfig:
+           backend: str | None = None, workers: int | None = None) -> ServerConfig:
     """msdnet-serve; ``threads`` None: its default threads; with ``last_exit_flops``:
-    forced to the last exit (``MSDNET_TARGET_FLOPS``); ``backend``: ``MSDNET_BACKEND``
-    (None: the server's default)."""
+    forced to the last exit (``MSDNET_TARGET_FLOPS``); ``backend``: ``MSDNET_BACKEND``,
+    ``workers``: ``MSDNET_WORKERS`` (None: the server's defaults)."""
     env = {"MSDNET_ACCESS_LOG": "false", "MSDNET_LOG_LEVEL": "warning"}
+    if workers is not None:
+        env["MSDNET_WORKERS"] = str(workers)
     if backend is not None:
         env["MSDNET_BACKEND"] = backend
     if threads is not None:
@@ -179,14 +181,16 @@ def msdnet(checkpoint: str, threads: int | None, last_exit_flops: int | None = N
     config = "defaults" if threads is None else f"{threads} thread(s)"
     if backend is not None:
         config += f", backend {backend}"
+    if workers is not None:
+        config += f", {workers} HTTP worker(s)" + (" + engine process" if workers > 1 else "")
 
     def make() -> TreeServer:
-        base = {k: v for k, v in os.environ.items() if k != "MSDNET_TORCH_THREADS"}
+        base = {k: v for k, v in os.environ.items() if k not in ("MSDNET_TORCH_THREADS", "MSDNET_WORKERS")}
         srv = TreeServer(_py("server.cli", "serve", "--checkpoint", checkpoint), name=family)
         srv.env = {**base, **env}
         return srv
 
-    suffix = "" if backend is None else f"-{backend}"
+    suffix = ("" if backend is None else f"-{backend}") + ("" if workers is None else f"-w{workers}")
     return ServerConfig(f"{family}-{'default' if threads is None else f't{threads}'}{suffix}", family, label,
                         config + ", access log off", make)
 
@@ -199,9 +203,12 @@ def grid(checkpoint: str, last_exit_flops: int, smoke: bool) -> list[ServerConfi
                 msdnet(checkpoint, None, last_exit_flops)]
     return [litserve(checkpoint, 1, 1, 1), litserve(checkpoint, 2, 1, 1), litserve(checkpoint, 1, 2, 1),
             ray(checkpoint, 1, 1), ray(checkpoint, 2, 1),
-            msdnet(checkpoint, None), msdnet(checkpoint, 1, backend="torch"),
+            msdnet(checkpoint, None), msdnet(checkpoint, None, workers=1), msdnet(checkpoint, None, workers=2),
+            msdnet(checkpoint, None, workers=3), msdnet(checkpoint, 1, backend="torch"),
             msdnet(checkpoint, 2, backend="torch"),
-            msdnet(checkpoint, None, last_exit_flops), msdnet(checkpoint, 1, last_exit_flops, backend="torch"),
+            msdnet(checkpoint, None, last_exit_flops), msdnet(checkpoint, None, last_exit_flops, workers=1),
+            msdnet(checkpoint, None, last_exit_flops, workers=2), msdnet(checkpoint, None, last_exit_flops, workers=3),
+            msdnet(checkpoint, 1, last_exit_flops, backend="torch"),
             msdnet(checkpoint, 2, last_exit_flops, backend="torch")]
 
 

@@ -102,16 +102,41 @@ class Sample:
     loadavg_1m: float
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (``/proc/<pid>/task/*/children``)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
 def rss_kb(pid: int) -> int:
-    """Resident set size of ``pid`` in KiB (``VmRSS`` of ``/proc/<pid>/status``).
+    """Resident set size in KiB of ``pid`` and every process under it (``VmRSS`` of
+    ``/proc/<pid>/status``, summed: with ``--workers N`` the HTTP workers and the
+    engine process; pages they share are counted once per process).
 
     Raises:
-        OSError: when the process is gone or /proc is missing.
+        OSError: when ``pid`` is gone or /proc is missing.
     """
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise OSError(f"no VmRSS for pid {pid}")
+    total = 0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            if p == pid:
+                raise
+            continue  # a child that just left
+        total += next((int(x.split()[1]) for x in lines if x.startswith("VmRSS:")), 0)
+    if total == 0:
+        raise OSError(f"no VmRSS for pid {pid}")
+    return total
 
 
 _ANSWERED = re.compile(r'^msdnet_requests_total\{endpoint="/classify",status="200"\} ([0-9.e+]+)$', re.M)

@@ -170,8 +170,7 @@ class Runner:
             self._step(*step)
 
     def _step(self, block: int, batch: list[Task], finished: list[tuple[Task, Outcome]]) -> None:
-        for task, outcome in finished:
-            self._finish(task, outcome)
+        self._finish_all(finished)
         if batch:
             try:
                 if self.step_hook is not None:
@@ -216,17 +215,22 @@ class Runner:
             depths = [self.scheduler.depth(b) for b in range(self.num_exits)]
         if self.on_step is not None:
             self.on_step(block, len(batch), seconds, depths)
-        for task, outcome in finished:
-            self._finish(task, outcome)
+        self._finish_all(finished)
 
-    def _finish(self, task: Task, outcome: Outcome) -> None:
-        data: ImageData = task.state
-        k = task.exits_done
-        result = Finished(outcome, k, data.probs, self.exit_flops[k - 1] if k else 0, task.confidence)
-        data.batch_state = None  # free the features
-        if data.on_done is not None:
-            data.on_done(task, outcome)
-        data.loop.call_soon_threadsafe(_set_result, data.future, result)
+    def _finish_all(self, finished: list[tuple[Task, Outcome]]) -> None:
+        """Answer the images that left: one wake-up per event loop, not per image
+        (``call_soon_threadsafe`` writes to the loop's self-pipe: a system call)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for task, outcome in finished:
+            data: ImageData = task.state
+            k = task.exits_done
+            result = Finished(outcome, k, data.probs, self.exit_flops[k - 1] if k else 0, task.confidence)
+            data.batch_state = None  # free the features
+            if data.on_done is not None:
+                data.on_done(task, outcome)
+            by_loop.setdefault(data.loop, []).append((data.future, result))
+        for loop, answers in by_loop.items():
+            loop.call_soon_threadsafe(_set_results, answers)
 
     def _resolve_exception(self, task: Task, exc: BaseException) -> None:
         data: ImageData = task.state
@@ -266,9 +270,10 @@ def release_free_heap() -> bool:
     return True
 
 
-def _set_result(fut: asyncio.Future, value) -> None:
-    if not fut.done():
-        fut.set_result(value)
+def _set_results(answers: list[tuple[asyncio.Future, Finished]]) -> None:
+    for fut, value in answers:
+        if not fut.done():
+            fut.set_result(value)
 
 
 def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:

@@ -106,7 +106,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             from ..ipc.client import EngineClient
 
             service = EngineClient(settings.engine_address, settings)
-            await service.connect(timeout_s=60.0)
+            # The engine answers before the workers start (the CLI waits for it): silence
+            # means it is gone, and this worker's startup fails rather than hang.
+            await service.connect(timeout_s=15.0)
             stop = service.close
         else:  # the whole replica in this process
             from model.checkpoint import load as load_checkpoint

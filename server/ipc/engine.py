@@ -119,6 +119,15 @@ class EngineServer:
             sock.close()
 
 
+def _loop_factory():
+    """uvloop's loop when installed (as uvicorn picks for the workers), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def run(settings: Settings, address: str, ready: threading.Event | None = None) -> None:
     """The engine process's main: load, warm up, then serve ``address`` until SIGTERM/SIGINT.
 
@@ -153,6 +162,7 @@ def run(settings: Settings, address: str, ready: threading.Event | None = None) 
         await serving
 
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(main())
     finally:
         service.stop(settings.drain_timeout_s)

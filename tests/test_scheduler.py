@@ -28,7 +28,7 @@ def test_imports_without_torch():
 
 
 def test_block_1_waits_for_the_queue_delay_or_a_full_batch():
-    s = BlockScheduler(3, max_batch_size=4, max_queue_delay_s=0.010, max_queue_size=100)
+    s = BlockScheduler(3, max_batch_size=4, max_queue_delay_s=0.010, max_queue_size=100, adaptive_wait=False)
     assert s.next_step(0.0) is None
     s.submit([Task(arrival=0.0, policy=policy())])
     wait = s.next_step(0.004)
@@ -38,6 +38,24 @@ def test_block_1_waits_for_the_queue_delay_or_a_full_batch():
     s.submit([Task(arrival=0.02, policy=policy()) for _ in range(5)])
     block, batch, _ = s.next_step(0.02)  # full batch: no wait
     assert block == 0 and len(batch) == 4
+
+
+def test_block_1_waits_only_when_another_image_is_due_within_the_wait():
+    s = BlockScheduler(3, max_batch_size=8, max_queue_delay_s=0.010, max_queue_size=1000)
+    for k in range(40):  # one image every 50 ms: 0.2 expected within 10 ms; the first: no rate known yet
+        s.submit([Task(arrival=0.05 * k, policy=policy())])
+        step = s.next_step(0.05 * k)
+        assert isinstance(step, tuple) and step[0] == 0 and len(step[1]) == 1  # runs at once, no wait
+        s.complete(0, step[1], [1.0], 0.001)
+    assert s.arrivals.per_second == pytest.approx(20.0)
+    assert s.block1_wait() == 0.0
+    for k in range(400):  # then one every 2 ms: 5 expected within 10 ms
+        s.arrivals.observe(2.0 + 0.002 * k)
+    assert s.arrivals.per_second == pytest.approx(500.0, rel=0.01)
+    assert s.block1_wait() == 0.010
+    s.submit([Task(arrival=2.8, policy=policy())])
+    assert s.next_step(2.804) == pytest.approx(0.006)  # now it waits for the batch to grow
+    assert isinstance(s.next_step(2.810), tuple)
 
 
 def test_images_leave_when_confident_and_the_rest_move_on():

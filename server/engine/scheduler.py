@@ -8,7 +8,9 @@ runs that block on it, and reports each image's confidence to
 Requests from all clients share one queue per block, served in arrival order
 except that images with a deadline go first, earliest deadline first, when more
 wait than a step takes. Block 1's queue waits up to
-``max_queue_delay_s`` to fill a batch; deeper queues run at once. Between two
+``max_queue_delay_s`` to fill a batch, but only while the recent arrival rate
+(:class:`ArrivalRate`) says another image is due within that wait: at low load
+an image starts at once, under load batches grow. Deeper queues run at once. Between two
 steps of deeper blocks a ready block-1 queue always gets a turn, so new arrivals
 never wait behind a running batch's deeper blocks for more than one step.
 
@@ -94,6 +96,33 @@ class Task:
     id: int = field(default_factory=itertools.count().__next__)
 
 
+class ArrivalRate:
+    """Images per second arriving at block 1, from their arrival stamps: an
+    exponentially weighted mean of the gaps between consecutive arrivals.
+
+    Args:
+        halflife: arrivals after which an old gap weighs half.
+    """
+
+    def __init__(self, halflife: float = 32.0):
+        self._keep = 0.5 ** (1.0 / halflife)
+        self._gap: float | None = None  # mean gap, seconds
+        self._last: float | None = None
+
+    def observe(self, arrival: float) -> None:
+        if self._last is not None:
+            gap = max(0.0, arrival - self._last)
+            self._gap = gap if self._gap is None else self._keep * self._gap + (1 - self._keep) * gap
+        self._last = arrival if self._last is None else max(self._last, arrival)
+
+    @property
+    def per_second(self) -> float:
+        """The rate (images/s); 0 before two arrivals, infinite for a burst."""
+        if self._gap is None:
+            return 0.0
+        return float("inf") if self._gap == 0 else 1.0 / self._gap
+
+
 class LatencyModel:
     """Per-block step time as ``a_k + b_k * batch`` seconds, fitted online by
     exponentially weighted least squares, with a safety factor.
@@ -138,15 +167,19 @@ class BlockScheduler:
         max_queue_size: images held at once (all queues and the running step);
             more are refused with :class:`QueueFull`.
         latency: the step-time model used for deadlines.
+        adaptive_wait: block 1 waits only while another image is expected within
+            ``max_queue_delay_s`` at the recent arrival rate (False: always waits).
     """
 
     def __init__(self, num_blocks: int, max_batch_size: int, max_queue_delay_s: float, max_queue_size: int,
-                 latency: LatencyModel | None = None):
+                 latency: LatencyModel | None = None, adaptive_wait: bool = True):
         self.num_blocks = num_blocks
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.latency = latency or LatencyModel(num_blocks)
+        self.adaptive_wait = adaptive_wait
+        self.arrivals = ArrivalRate()
         self.queues: list[deque[Task]] = [deque() for _ in range(num_blocks)]
         self.in_flight = 0  # images in the scheduler, queued or running
         self._last_block = -1
@@ -167,6 +200,16 @@ class BlockScheduler:
             raise QueueFull(retry)
         self.queues[0].extend(tasks)
         self.in_flight += len(tasks)
+        for t in tasks:
+            self.arrivals.observe(t.arrival)
+
+    def block1_wait(self) -> float:
+        """Seconds block 1 may wait, from its oldest image's arrival, to fill a batch:
+        ``max_queue_delay_s`` when at least one more image is due within it at the
+        recent arrival rate (or ``adaptive_wait`` is off), else 0."""
+        if not self.adaptive_wait or self.arrivals.per_second * self.max_queue_delay_s >= 1.0:
+            return self.max_queue_delay_s
+        return 0.0
 
     def _ready(self, block: int, now: float) -> bool:
         q = self.queues[block]
@@ -174,7 +217,7 @@ class BlockScheduler:
             return False
         if block > 0 or len(q) >= self.max_batch_size:
             return True
-        return now - q[0].arrival >= self.max_queue_delay_s
+        return now - q[0].arrival >= self.block1_wait()
 
     def next_step(self, now: float) -> tuple[int, list[Task], list[tuple[Task, Outcome]]] | float | None:
         """Choose the next step.
@@ -189,7 +232,7 @@ class BlockScheduler:
         if not ready:
             if not self.queues[0]:
                 return None
-            return max(0.0, self.queues[0][0].arrival + self.max_queue_delay_s - now)
+            return max(0.0, self.queues[0][0].arrival + self.block1_wait() - now)
         if 0 in ready and self._last_block != 0:
             block = 0
         else:

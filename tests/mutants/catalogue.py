@@ -37,9 +37,12 @@ G = "tests/test_mutant_guards.py::"
 
 MUTANTS = [
     # ---- scheduler ------------------------------------------------------------
-    Mutant("sched-delay", "server/engine/scheduler.py", "return now - q[0].arrival >= self.max_queue_delay_s",
-           "return now - q[0].arrival > self.max_queue_delay_s", SCHED,
+    Mutant("sched-delay", "server/engine/scheduler.py", "return now - q[0].arrival >= self.block1_wait()",
+           "return now - q[0].arrival > self.block1_wait()", SCHED,
            "block 1 waits one tick past its queue delay"),
+    Mutant("sched-wait-always", "server/engine/scheduler.py",
+           "if not self.adaptive_wait or self.arrivals.per_second * self.max_queue_delay_s >= 1.0:",
+           "if True:", SCHED, "block 1 waits its full delay even when no other image is due"),
     Mutant("sched-fairness", "server/engine/scheduler.py", "if 0 in ready and self._last_block != 0:", "if 0 in ready:",
            SCHED, "block 1 always jumps the queue (deeper blocks starve)"),
     Mutant("sched-last-exit", "server/engine/scheduler.py", "if task.exits_done == self.num_blocks:",
@@ -224,8 +227,9 @@ MUTANTS = [
            "top = [int(np.argsort(p)[0]) for p in probs]", V2, "v2 answers the least likely class"),
     Mutant("v2-exit-label", "server/http/v2.py", '"exit": [f.exit for f in done]', '"exit": [f.exit - 1 for f in done]',
            V2, "v2 exit output 0-based"),
-    Mutant("http-shutdown-1ms", "server/cli.py", "timeout_graceful_shutdown=settings.drain_timeout_s",
-           "timeout_graceful_shutdown=0.001",
+    Mutant("http-shutdown-1ms", "server/cli.py",
+           "log_config=log_config,\n                timeout_graceful_shutdown=settings.drain_timeout_s",
+           "log_config=log_config,\n                timeout_graceful_shutdown=0.001",
            ("tests/test_server_live.py::test_sigterm_drains_in_flight_requests_and_exits_0",),
            "graceful-shutdown timeout cut to 1 ms"),
     Mutant("http-b64-lax", "server/http/params.py", "return base64.b64decode(value, validate=True)",

@@ -73,7 +73,8 @@ def test_bad_settings_and_checkpoints_fail_fast_with_one_line(tmp_path, tiny_che
     env = {**os.environ}
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    for args, words in ((["--workers", "0"], "greater than or equal to 1"), (["--checkpoint", str(bad)], "not a readable"),
+    for args, words in ((["--workers", "0"], "greater than or equal to 1"),
+                        (["--checkpoint", str(bad)], "not a readable"),
                         (["--checkpoint", str(tmp_path / "none.pt")], "not found")):
         out = subprocess.run([sys.executable, "-m", "server.cli", "serve", *args], env=env, capture_output=True,
                              text=True, timeout=60)

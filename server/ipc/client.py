@@ -73,6 +73,8 @@ class EngineClient:
         """
         self._sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)  # bounded by the engine's queue (503), never dropped here
+        self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.connect(self.address)
         self._receiver = asyncio.ensure_future(self._receive())
         meta, _ = await asyncio.wait_for(self._call({"op": "hello"}), timeout_s)

@@ -89,13 +89,21 @@ class EngineServer:
         ctx = zmq.asyncio.Context.instance()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
+        # No message limit: the scheduler's queue bound (503) already limits what is in flight,
+        # and a ROUTER would silently drop answers past its high-water mark.
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
         sock.bind(self.address)
 
         async def answer(ident: bytes, frames: list) -> None:
             try:
                 header, images = wire.unpack(frames)
             except wire.WireError as exc:
-                log.error("dropped a malformed message: %s", exc)
+                log.error("malformed message: %s", exc)
+                rid = wire.request_id(frames)
+                if rid is not None:  # answer it: the worker's request must not hang
+                    err = wire.error_to_wire(errors.ServiceError(f"engine could not read the request: {exc}"))
+                    await sock.send_multipart([ident, *wire.pack({"id": rid, "error": err})])
                 return
             reply, array = await self.handle(header, images)
             await sock.send_multipart([ident, *wire.pack({"id": header.get("id"), **reply}, array)])

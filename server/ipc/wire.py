@@ -57,6 +57,16 @@ def unpack(frames: list) -> tuple[dict, np.ndarray | None]:
     return header, np.frombuffer(buf, dtype=np.float32).reshape(shape)
 
 
+def request_id(frames: list) -> int | None:
+    """The ``id`` of a message whose array frame is malformed (None if unreadable),
+    so that the sender still gets an answer."""
+    try:
+        header = msgpack.unpackb(bytes(frames[0]))
+        return header.get("id") if isinstance(header, dict) else None
+    except (ValueError, msgpack.UnpackException, IndexError):
+        return None
+
+
 # ---- errors ---------------------------------------------------------------------
 def error_to_wire(exc: errors.ServiceError) -> dict:
     """A service error as plain data (its class name, message, details, headers)."""

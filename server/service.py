@@ -99,6 +99,7 @@ class Service:
         self.metrics.set_model_info(checkpoint=str(checkpoint.path or ""), num_exits=str(self.num_exits),
                                     classes=str(len(self.classes)), image_size=str(self.transforms.image_size),
                                     exit_flops=",".join(str(f) for f in self.exit_flops))
+        self.metrics.fleet_mode.set(0)  # written, so that a multiprocess scrape shows it too
         self._export_budget(self.keeper)
 
     @property

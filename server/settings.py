@@ -42,9 +42,13 @@ class Settings(BaseSettings):
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="Checkpoint to serve (default: the shipped model).")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1, le=64, description="HTTP worker processes. 1: the whole replica in one "
-                         "process. N > 1: N uvicorn workers (HTTP, JSON, image decoding) and one engine process "
-                         "(model, scheduler, budget controller) they reach over ZeroMQ (server.ipc).")
+    # Measured on 2 cores (docs/PEERS.md): 2 HTTP workers + the engine process served 2.0x (raw
+    # PNG) the requests/s of one process at p99 <= 100 ms; 3 workers did no better.
+    workers: int = Field(default_factory=lambda: min(4, usable_cpus()), ge=1, le=64,
+                         description="HTTP worker processes; default: usable CPUs, at most 4. 1: the whole "
+                                     "replica in one process. N > 1: N uvicorn workers (HTTP, JSON, image "
+                                     "decoding) and one engine process (model, scheduler, budget controller) "
+                                     "they reach over ZeroMQ (server.ipc).")
     engine_address: str | None = Field(None, description="Set by 'msdnet serve --workers N' for its workers: "
                                        "the engine process's ZeroMQ endpoint. Unset: load the model here.")
     # Defaults measured best on a 2-core machine (docs/PEERS.md): the model thread's

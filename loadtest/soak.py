@@ -330,10 +330,11 @@ def _load(url: str, samples, rate: float, seconds: float, chunk_s: float, timeou
 
 
 def _measure_capacity(srv: ServerProcess, samples) -> float:
-    from . import bench
+    from .common import Plan
+    from .parts.throughput import find_capacity
 
-    plan = bench.Plan(search_start=100.0, trial_s=6.0, warmup_s=1.0, pause_s=1.0, bisect_steps=3, max_trials=8)
-    return bench.find_capacity(srv, samples, plan, slo_ms=100.0, name="soak")["capacity_rps"]
+    plan = Plan(search_start=100.0, trial_s=6.0, warmup_s=1.0, pause_s=1.0, bisect_steps=3, max_trials=8)
+    return find_capacity(srv, samples, plan, slo_ms=100.0, name="soak")["capacity_rps"]
 
 
 def _interrupt(signum, frame):

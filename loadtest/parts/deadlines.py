@@ -51,3 +51,47 @@ def run(url: str, samples, capacity: float, deadlines: tuple[float, ...], plan: 
     r80 = next((r for r in rows if abs(r["load"] - 0.8) < 1e-9), None)
     return {"capacity": capacity, "deadlines": list(deadlines), "rows": rows,
             "target_met": bool(r80 and r80["met"] is not None and r80["met"] >= TARGET_DEADLINE_SHARE)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 -m loadtest.parts.deadlines --capacity R --out DIR``: part c alone,
+    on ``msdnet serve`` with its defaults (``--workers`` to change them), at the
+    plan's shares of ``R`` requests/s (measure R with ``loadtest.capacity``)."""
+    import argparse
+    import dataclasses
+    import json
+    import shutil
+    from pathlib import Path
+
+    from ..capacity import TreeServer
+    from ..common import FULL
+    from ..samples import load_samples
+
+    p = argparse.ArgumentParser(prog="python3 -m loadtest.parts.deadlines", description=main.__doc__.splitlines()[0])
+    p.add_argument("--capacity", type=float, required=True, help="requests/s at p99 <= 100 ms, measured before")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--deadlines-ms", default="25,50,100")
+    p.add_argument("--loads", default="0.5,0.8,1.0", help="shares of --capacity")
+    p.add_argument("--seconds", type=float, default=FULL.deadline_s, help="scored seconds per load")
+    p.add_argument("--data-dir")
+    args = p.parse_args(argv)
+    plan = dataclasses.replace(FULL, loads=tuple(float(x) for x in args.loads.split(",")), deadline_s=args.seconds)
+    env = {"MSDNET_ACCESS_LOG": "false", "MSDNET_LOG_LEVEL": "warning"}
+    if args.workers:
+        env["MSDNET_WORKERS"] = str(args.workers)
+    samples = load_samples(args.data_dir)
+    with TreeServer([shutil.which("python3") or "python3", "-m", "server.cli", "serve"], env, name="deadlines") as srv:
+        res = run(srv.url, samples, args.capacity, tuple(float(x) for x in args.deadlines_ms.split(",")), plan)
+    res["workers"] = args.workers or "default"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "deadlines.json").write_text(json.dumps(res, indent=1, default=float))
+    for r in res["rows"]:
+        log(f"{r['load']:.0%} ({r['rate']:.0f} req/s): met {r['met']}, per deadline "
+            f"{ {k: v['met'] for k, v in r['per_deadline'].items()} }, p99 {r['p99_ms']:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -41,3 +41,22 @@ def test_loadtest_imports_nothing_from_tests():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n == "tests" or n.startswith("tests.")]
     assert offenders == []
+
+
+def test_stage_split_puts_each_stack_in_the_stage_of_its_innermost_named_frame(tmp_path):
+    from loadtest.stages import STAGE_NAMES, split_raw, stage_of
+
+    onnx = ["run (asyncio/runners.py:118)", "_run (server/engine/runner.py:205)",
+            "advance (server/engine/backends.py:301)", "run (onnxruntime/capi/onnxruntime_inference_collection.py:406)"]
+    decode = ["run (threading.py:982)", "decode (server/images.py:90)", "load (PIL/ImageFile.py:300)"]
+    sched = ["_loop (server/engine/runner.py:170)", "complete (server/engine/scheduler.py:300)"]
+    uvloop = ["run (asyncio/runners.py:118)"]
+    assert [stage_of(s) for s in (onnx, decode, sched, uvloop, ["main (x.py:1)"])] == [
+        "network", "decode", "schedule", "event loop", "other"]
+    raw = tmp_path / "raw.txt"
+    raw.write_text('process 1:"python3 -m server.cli";' + ";".join(onnx) + " 7\n"
+                   'process 1:"python3";process 2:"spawn";' + ";".join(decode) + " 3\n"
+                   + ";".join(sched) + " 2\nnot a sample line\n")
+    counts = split_raw(raw)
+    assert set(counts) == set(STAGE_NAMES)
+    assert (counts["network"], counts["decode"], counts["schedule"], sum(counts.values())) == (7, 3, 2, 12)

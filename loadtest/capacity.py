@@ -449,6 +449,33 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_latency(res: dict, path: Path) -> None:
+    """p99 latency against offered load: every trial of every configuration, one
+    panel per encoding (log scale; the SLO as a line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ENCODINGS), figsize=(11, 4.2), sharey=True)
+    for ax, enc in zip(np.atleast_1d(axes), ENCODINGS):
+        for key, srv in res["servers"].items():
+            trials = sorted(srv.get("encodings", {}).get(enc, {}).get("trials", []), key=lambda t: t["rate"])
+            if trials:
+                ax.plot([t["rate"] for t in trials], [max(t["p99_ms"], 1.0) for t in trials], "o-", ms=3,
+                        label=key)
+        ax.axhline(res["slo_ms"], color="grey", ls="--", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("offered load (requests/s, Poisson)")
+        ax.set_title(ENCODING_LABELS[enc], fontsize=9)
+    np.atleast_1d(axes)[0].set_ylabel("p99 latency (ms)")
+    np.atleast_1d(axes)[-1].legend(fontsize=6)
+    fig.suptitle("Latency against load, every trial of the capacity search (same client, same CPUs)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     from model.checkpoint import DEFAULT_CHECKPOINT
@@ -481,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                  "loadavg_at_start": os.getloadavg(), "checkpoint": args.checkpoint, "servers": {}}
     failures: list[str] = []
     for cfg in configs:
-        short = cfg.key.split("-", 1)[-1] if cfg.family in ("litserve", "ray") else cfg.config.split(",")[0]
+        short = cfg.key.split("-", 1)[-1] if cfg.family in ("litserve", "ray") else cfg.key
         entry = {"family": cfg.family, "label": cfg.label, "config": cfg.config, "encodings": {}, "key_short": short}
         res["servers"][cfg.key] = entry
         if not cfg.installed():
@@ -517,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "capacity.json").write_text(json.dumps(res, indent=1, default=float))
     (out / "CAPACITY.md").write_text("## Capacity against serving peers\n\n" + report(res))
     plot(res, out / "capacity.png")
+    plot_latency(res, out / "latency.png")
     log(f"wrote {out / 'CAPACITY.md'}; {len(failures)} failure(s)")
     for f in failures:
         log(f"  FAIL {f}")

@@ -27,6 +27,9 @@ def cmd_serve(args) -> int:
         for err in exc.errors():
             print(f"msdnet serve: error: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
         return 2
+    log_config = logs.configure(settings.log_level)
+    if settings.workers > 1:  # the engine process loads (and checks) the checkpoint: no torch here
+        return _serve_split(settings, overrides, log_config)
     from model.checkpoint import CheckpointError
     from model.checkpoint import load as load_checkpoint
 
@@ -37,9 +40,6 @@ def cmd_serve(args) -> int:
     except CheckpointError as exc:
         print(f"msdnet serve: error: {exc}", file=sys.stderr)
         return 2
-    log_config = logs.configure(settings.log_level)
-    if settings.workers > 1:
-        return _serve_split(settings, overrides, log_config)
     from .http.app import create_app
     from .http.protocol import TimedHTTPProtocol
 
@@ -89,9 +89,11 @@ def _serve_split(settings, overrides: dict, log_config: dict) -> int:
     proc.start()
     while not ready.wait(0.2):
         if not proc.is_alive():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if proc.exitcode == 2:  # a bad checkpoint: the engine printed the one-line reason
+                return 2
             print(f"msdnet serve: error: the engine process exited with code {proc.exitcode} while starting",
                   file=sys.stderr)
-            shutil.rmtree(run_dir, ignore_errors=True)
             return 1
     stopping = threading.Event()
     engine_died = threading.Event()
@@ -148,18 +150,22 @@ def cmd_batch_eval(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.cli import add_commands, run  # here: HTTP worker processes import this module without torch
-
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="msdnet", description="MSDNet: train, calibrate, evaluate and serve "
                                      "an early-exit image classifier.")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_commands(sub)
+    serving = argv[:1] == ["serve"]
+    if not serving:  # the model's commands need torch; `serve --workers N` keeps the supervising process without it
+        from model.cli import add_commands
+
+        add_commands(sub)
     p = sub.add_parser("serve", help="run the HTTP server (uvicorn); settings also from MSDNET_* variables")
     p.add_argument("--checkpoint", help="checkpoint to serve (default: the shipped Fashion-MNIST model)")
     p.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in the container)")
     p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--workers", type=int, help="HTTP worker processes (default 1: one process); N > 1 adds one "
-                   "engine process that owns the model, the scheduler and the budget controller")
+    p.add_argument("--workers", type=int, help="HTTP worker processes (default: usable CPUs, at most 4); 1: one "
+                   "process; N > 1 adds one engine process that owns the model, the scheduler and the budget "
+                   "controller")
     p.add_argument("--target-flops", type=float, help="target mean FLOPs per /classify request")
     p.add_argument("--torch-threads", type=int)
     p.add_argument("--max-batch-size", type=int)
@@ -173,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=100, help="images per /batch request")
     p.add_argument("--json", metavar="OUT")
     p.set_defaults(func=cmd_batch_eval)
+    if serving:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    from model.cli import run
+
     return run(parser, argv)
 
 

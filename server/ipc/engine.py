@@ -145,12 +145,19 @@ def run(settings: Settings, address: str, ready: threading.Event | None = None) 
     Raises:
         model.checkpoint.CheckpointError: the checkpoint cannot be served.
     """
-    from model.checkpoint import load
+    import sys
+
+    from model.checkpoint import CheckpointError, load
 
     from .. import logs
 
     logs.configure(settings.log_level)
-    service = Service(load(settings.checkpoint, calibrated=True), settings)
+    try:
+        checkpoint = load(settings.checkpoint, calibrated=True)
+    except CheckpointError as exc:  # one line and status 2, as `msdnet serve` gives in one process
+        print(f"msdnet serve: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    service = Service(checkpoint, settings)
     service.start()
 
     async def main() -> None:

@@ -260,7 +260,8 @@ def report(fig: dict, meta: dict) -> str:
         f"load average {fig['loadavg_1m_mean']:.2f} during the run). `msdnet serve` with its defaults "
         f"(access log off{', ' + meta['env'] if meta['env'] else ''}), open-loop Poisson arrivals of real "
         f"Fashion-MNIST test PNGs on `POST /classify` at {meta['rate']:g} requests/s{meta['rate_how']}. "
-        f"RSS = `VmRSS` of the server process, sampled every {meta['interval_s']:g} s; MB = 10^6 bytes, "
+        f"RSS = `VmRSS` summed over the server's process tree (with `--workers N`: the supervising CLI, the engine "
+        f"and the HTTP workers), sampled every {meta['interval_s']:g} s; MB = 10^6 bytes, "
         "KB = 10^3 bytes.",
         "",
         "| figure | value |",

@@ -148,3 +148,13 @@ def decode(data: bytes, contract: InputContract, max_pixels: int) -> np.ndarray:
             return preprocess(img, contract)  # the checkpoint's resize, crop and normalisation
         except (OSError, SyntaxError, ValueError) as exc:
             raise BadImage(f"truncated or corrupt {img.format} image: {exc}", supported_formats=supported) from exc
+
+
+def pixel_count(data: bytes) -> int:
+    """Width x height from the image's header alone (Pillow reads no pixel data
+    here); 0 when the header cannot be read (decoding then gives the error)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return int(im.size[0]) * int(im.size[1])
+    except Exception:  # noqa: BLE001 - any unreadable header: decided when decoding
+        return 0

@@ -21,7 +21,7 @@ from starlette.datastructures import UploadFile
 
 from .. import errors
 from ..service import Service
-from . import params
+from . import decoding, params
 from .deps import LoadedService, ReadyService, arrival
 from .responses import batch_result, budget_state, classify_result, error_responses
 from .schemas import (
@@ -61,8 +61,9 @@ def _body_doc(json_model, multipart, raw: bool) -> dict:
 
 
 async def decode_off_loop(service: Service, data: bytes):
-    """:meth:`Service.decode` on a worker thread (Pillow releases the GIL while it decodes)."""
-    return await run_in_threadpool(service.decode, data)
+    """:meth:`Service.decode` on a worker thread (Pillow releases the GIL while it
+    decodes); a large image on the low-priority one (``server.http.decoding``)."""
+    return await run_in_threadpool(decoding.decode, service.decode, data)
 
 
 router = APIRouter()
@@ -133,7 +134,7 @@ async def batch(request: Request, service: ReadyService) -> dict:
         for k in range(len(encoded) if encoded is not None else len(files)):
             try:
                 data = params.b64decode(*encoded[k]) if encoded is not None else files[k]
-                items.append(service.decode(data))
+                items.append(decoding.decode(service.decode, data))
             except errors.ServiceError as exc:  # this image only
                 items.append(exc)
         return items

@@ -43,6 +43,8 @@ MUTANTS = [
     Mutant("sched-wait-always", "server/engine/scheduler.py",
            "if not self.adaptive_wait or self.arrivals.per_second * self.max_queue_delay_s >= 1.0:",
            "if True:", SCHED, "block 1 waits its full delay even when no other image is due"),
+    Mutant("decode-large-not-isolated", "server/http/decoding.py", "    if is_large(data):\n", "    if False:\n",
+           ("tests/test_decoding.py",), "large images decode on the shared pool at full priority"),
     Mutant("sched-fairness", "server/engine/scheduler.py", "if 0 in ready and self._last_block != 0:", "if 0 in ready:",
            SCHED, "block 1 always jumps the queue (deeper blocks starve)"),
     Mutant("sched-last-exit", "server/engine/scheduler.py", "if task.exits_done == self.num_blocks:",

@@ -45,6 +45,21 @@ def serve_command(checkpoint: str | Path | None = None, args: list[str] | None =
     return cmd + list(args or [])
 
 
+def process_tree(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux ``/proc/<pid>/task/*/children``; [] elsewhere)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
 class ServerProcess:
     """``with ServerProcess(cmd_without_port) as srv: ... srv.url ...``.
 
@@ -126,13 +141,22 @@ class ServerProcess:
         raise RuntimeError(f"{self.name} not ready in {self.ready_timeout_s} s: {self.log[-3000:]}")
 
     def cpu_s(self) -> float | None:
-        """CPU seconds (user + system, all threads) the server process has used;
-        None where /proc is not available."""
+        """CPU seconds (user + system, all threads) the server has used: its process
+        and every process under it (``msdnet serve --workers N`` does its work in
+        children); None where /proc is not available."""
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError, AttributeError):
+            pids = [self.proc.pid, *process_tree(self.proc.pid)]
+        except AttributeError:
             return None
+        total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, ValueError, IndexError):
+                if pid == self.proc.pid:
+                    return None
+        return total
 
     def read_log(self) -> str:
         """The server's stdout and stderr so far (after :meth:`close`: as kept by the last stop)."""

@@ -78,6 +78,8 @@ def where_time_goes(res: dict) -> str:
     (f1, c1, u1), (f2, c2, u2) = pts
     if abs(f2 - f1) < 1e-9:
         return ""
+    if c1 <= 0 or f2 == f1:  # no CPU figure (smoke runs)
+        return ""
     slope = (c2 - c1) / (f2 - f1)  # ms per MFLOP
     if slope <= 0:  # noise swamps the FLOPs' share (short or smoke runs): no line to draw
         return ""

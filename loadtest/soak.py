@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from . import openloop as ol
+from .harness import process_tree
 from .servers import ServerProcess
 
 GOAL_GROWTH = 0.02  # issue 10, item 15: under 2% growth from minute 5 to minute 30
@@ -102,21 +103,6 @@ class Sample:
     loadavg_1m: float
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (``/proc/<pid>/task/*/children``)."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += kids
-            todo += kids
-    return found
-
-
 def rss_kb(pid: int) -> int:
     """Resident set size in KiB of ``pid`` and every process under it (``VmRSS`` of
     ``/proc/<pid>/status``, summed: with ``--workers N`` the HTTP workers and the
@@ -126,7 +112,7 @@ def rss_kb(pid: int) -> int:
         OSError: when ``pid`` is gone or /proc is missing.
     """
     total = 0
-    for p in [pid, *_descendants(pid)]:
+    for p in [pid, *process_tree(pid)]:
         try:
             lines = Path(f"/proc/{p}/status").read_text().splitlines()
         except OSError:

@@ -203,10 +203,10 @@ class Runner:
         t0 = time.perf_counter()
         state = self._gather(block, batch)
         logits, new_state = self.backend.advance(state)
-        probs = torch.softmax(logits.double() / self.temperatures[block], dim=1).numpy()
+        probs, finite = _softmax(logits.numpy().astype(np.float64) / self.temperatures[block])
         seconds = time.perf_counter() - t0
         conf = probs.max(axis=1)
-        conf[~torch.isfinite(logits).all(dim=1).numpy()] = np.nan  # the scheduler's sign for "no answer"
+        conf[~finite] = np.nan  # the scheduler's sign for "no answer"
         conf = conf.tolist()
         for i, t in enumerate(batch):
             t.state.batch_state, t.state.row, t.state.probs = new_state, i, probs[i]
@@ -268,6 +268,17 @@ def release_free_heap() -> bool:
         return False
     _malloc_trim(0)
     return True
+
+
+def _softmax(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise softmax of float64 ``z`` (N, classes), in place, and which rows were
+    finite. numpy, not torch: a few microseconds less per step on the model thread."""
+    finite = np.isfinite(z).all(axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows become NaN, flagged by ``finite``
+        z -= z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+    return z, finite
 
 
 def _set_results(answers: list[tuple[asyncio.Future, Finished]]) -> None:

@@ -108,19 +108,17 @@ class EngineServer:
             reply, array = await self.handle(header, images)
             await sock.send_multipart([ident, *wire.pack({"id": header.get("id"), **reply}, array)])
 
-        receiving = asyncio.ensure_future(sock.recv_multipart())
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
+        async def receive() -> None:  # one plain await per message: the cheapest loop pyzmq offers
             while True:
-                await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if stopping.done():
-                    receiving.cancel()
-                    break
-                ident, *frames = receiving.result()
+                ident, *frames = await sock.recv_multipart()
                 task = asyncio.ensure_future(answer(ident, frames))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-                receiving = asyncio.ensure_future(sock.recv_multipart())
+
+        receiver = asyncio.ensure_future(receive())
+        try:
+            await stop.wait()
+            receiver.cancel()
             if self._tasks:
                 await asyncio.wait(set(self._tasks), timeout=self.service.settings.drain_timeout_s)
         finally:

@@ -1,5 +1,5 @@
-"""Which thread decodes: large images on the one low-priority thread, small ones
-on Starlette's pool, never on the event loop (server/http/decoding.py)."""
+"""Where images are decoded: a large one in the low-priority process, a small one
+on Starlette's thread pool, never on the event loop (server/http/decoding.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from server.http import decoding
+from server.images import decode as decode_image
 from tests.inprocess import ready_client
 
 
@@ -20,7 +21,7 @@ def png(w: int, h: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def test_large_images_decode_on_the_low_priority_thread_small_ones_on_the_pool(tiny_checkpoint):
+def test_large_images_decode_in_the_low_priority_process_small_ones_on_the_pool(tiny_checkpoint):
     big, small = png(1100, 1000), png(28, 28)  # 1.1 million pixels (noise: far over 16 KB), 784 pixels
     assert decoding.is_large(big) and not decoding.is_large(small) and not decoding.is_large(b"x" * 20000)
     seen = []
@@ -28,18 +29,25 @@ def test_large_images_decode_on_the_low_priority_thread_small_ones_on_the_pool(t
         service = c.app.state.service
         original = service.decode
 
-        def recording(data):
-            seen.append((len(data), threading.current_thread().name,
-                         os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        def recording(data):  # what runs in this process
+            seen.append((len(data), threading.current_thread().name))
             return original(data)
 
         service.decode = recording
         loop_thread = c.portal.call(lambda: threading.current_thread().name)
+        decoding.last_large = None
         for body in (big, small):
             assert c.post("/classify", content=body, headers={"content-type": "image/png"}).status_code == 200
+        pid, nice = decoding.last_large
+        assert pid != os.getpid() and nice == decoding.LARGE_NICE
         files = [("files", ("a.png", small, "image/png")), ("files", ("b.png", big, "image/png"))]
         r = c.post("/batch", files=files)
-        assert r.status_code == 200 and all("class_id" in x for x in r.json()["results"])
-    where = {(n, name.startswith(decoding.THREAD_NAME), nice) for n, name, nice in seen}
-    assert where == {(len(big), True, decoding.LARGE_NICE), (len(small), False, 0)}, seen
-    assert len(seen) == 4 and all(name != loop_thread for _, name, _ in seen)
+        assert r.status_code == 200 and [x["class_id"] for x in r.json()["results"]] == [
+            c.post("/classify", content=b, headers={"content-type": "image/png"}).json()["class_id"]
+            for b in (small, big)]
+        bad = c.post("/classify", content=big[:30000], headers={"content-type": "image/png"})  # truncated
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_image"
+        same = decoding.decode(service, big)
+        np.testing.assert_array_equal(same, decode_image(big, service.transforms, service.settings.max_image_pixels))
+    assert [n for n, _ in seen] == [len(small)] * 3  # the big ones never decoded in this process
+    assert all(name != loop_thread for _, name in seen)

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import errors
 from ..service import Service
 from ..settings import Settings
-from . import listener
+from . import decoding, listener
 from .middleware import RequestContext
 from .protocol import TimedHTTPProtocol
 from .responses import count_rejection, error_response
@@ -125,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await stop()
+            decoding.shutdown()
 
     app = FastAPIOffline(title="msdnet-serve", version="0.1.0", lifespan=lifespan,
                          description="Image classification with MSDNet early exit: each image gets only the compute "

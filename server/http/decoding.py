@@ -1,49 +1,58 @@
-"""Which thread decodes an image: never the event loop; a large one a low-priority thread.
+"""Where an image is decoded: never on the event loop; a large one in a low-priority process.
 
-Every image is decoded on Starlette's thread pool (:func:`decode` is called
+Every image is decoded from Starlette's thread pool (:func:`decode` is called
 there). Small ones (the common case: a body under :data:`SMALL_BODY_BYTES`, or
 a header saying at most :data:`LARGE_PIXELS` pixels) decode right there. A
 large one (a phone photo, or a 4096x4096 picture that compresses to tens of KB)
-is handed to one thread per process whose CPU priority is lowered (nice
-:data:`LARGE_NICE`): a flood of large images then queues behind itself, while
-the event loop, ``/healthz`` and small requests still get a core first (issue
-12's "no stall": before, two clients sending /batch requests of 4096x4096
-pictures kept both cores busy and ``/healthz`` p99 was 143 ms).
+goes to one child process per HTTP process, at a lower CPU priority (nice
+:data:`LARGE_NICE`): Pillow and numpy hold the GIL for parts of such a decode
+(copies of 64 MB arrays), which stalled the event loop even from a thread, and a
+flood of large images now queues behind itself while the event loop,
+``/healthz`` and small requests get a core first (issue 12's "no stall").
+Only the encoded bytes go in and the small decoded input comes back.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
+
+from model.transforms import InputContract
+
+from ..images import decode as decode_image
 from ..images import pixel_count
 
 SMALL_BODY_BYTES = 16 * 1024  # zlib's ~1000:1 bound: under this, at most ~16 MB of pixels
 LARGE_PIXELS = 1 << 20
 LARGE_NICE = 10
-THREAD_NAME = "msdnet-decode-large"
 
-T = TypeVar("T")
-_pool: ThreadPoolExecutor | None = None
+_pool: ProcessPoolExecutor | None = None
 _pool_lock = threading.Lock()
+last_large: tuple[int, int] | None = None  # (pid, nice) of the last large decode: for tests and debugging
 
 
 def _lower_priority() -> None:
-    try:  # Linux: a thread id as PRIO_PROCESS sets that thread's nice value
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LARGE_NICE)
-    except (OSError, AttributeError):
-        pass  # elsewhere: still one thread, still off the event loop
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, LARGE_NICE)
+    except OSError:
+        pass  # still a separate process, still off the event loop
 
 
-def _large_pool() -> ThreadPoolExecutor:
+def _large_pool() -> ProcessPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME, initializer=_lower_priority)
+            _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_lower_priority)
         return _pool
+
+
+def _decode_large(data: bytes, contract: InputContract, max_pixels: int) -> tuple[np.ndarray, int, int]:
+    return decode_image(data, contract, max_pixels), os.getpid(), os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def is_large(data: bytes) -> bool:
@@ -51,9 +60,26 @@ def is_large(data: bytes) -> bool:
     return len(data) > SMALL_BODY_BYTES and pixel_count(data) > LARGE_PIXELS
 
 
-def decode(fn: Callable[[bytes], T], data: bytes) -> T:
-    """``fn(data)``; called on a worker thread. A large image is handed to the
-    low-priority thread and this one waits (it uses no CPU meanwhile)."""
-    if is_large(data):
-        return _large_pool().submit(fn, data).result()
-    return fn(data)
+def decode(service, data: bytes) -> np.ndarray:
+    """``service.decode(data)``, or the same decode in the low-priority process for a
+    large image (this thread waits, using no CPU). Call it from a worker thread.
+
+    Raises:
+        errors.ServiceError: as :func:`server.images.decode` (bad, unsupported, too large).
+    """
+    global last_large
+    if not is_large(data):
+        return service.decode(data)
+    out, pid, nice = _large_pool().submit(_decode_large, data, service.transforms,
+                                          service.settings.max_image_pixels).result()
+    last_large = (pid, nice)
+    return out
+
+
+def shutdown() -> None:
+    """Stop the decoding process (the app's lifespan calls this on exit)."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            _pool.shutdown(wait=False, cancel_futures=True)
+            _pool = None

@@ -62,8 +62,8 @@ def _body_doc(json_model, multipart, raw: bool) -> dict:
 
 async def decode_off_loop(service: Service, data: bytes):
     """:meth:`Service.decode` on a worker thread (Pillow releases the GIL while it
-    decodes); a large image on the low-priority one (``server.http.decoding``)."""
-    return await run_in_threadpool(decoding.decode, service.decode, data)
+    decodes); a large image in the low-priority process (``server.http.decoding``)."""
+    return await run_in_threadpool(decoding.decode, service, data)
 
 
 router = APIRouter()
@@ -134,7 +134,7 @@ async def batch(request: Request, service: ReadyService) -> dict:
         for k in range(len(encoded) if encoded is not None else len(files)):
             try:
                 data = params.b64decode(*encoded[k]) if encoded is not None else files[k]
-                items.append(decoding.decode(service.decode, data))
+                items.append(decoding.decode(service, data))
             except errors.ServiceError as exc:  # this image only
                 items.append(exc)
         return items

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import logging
 
@@ -119,6 +120,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stop = functools.partial(asyncio.to_thread, service.stop, settings.drain_timeout_s)
         TimedHTTPProtocol.on_reject = functools.partial(_count_slow_client, service)
         app.state.service = service
+        gc.collect()  # what start-up loaded lives for good: keep full GC passes short (the engine does the same)
+        gc.freeze()
         log.info("serving %s: %d exits (%s)", settings.checkpoint, service.num_exits,
                  f"engine at {settings.engine_address}" if settings.engine_address else "model in this process")
         try:

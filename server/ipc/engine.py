@@ -11,6 +11,7 @@ to the model thread and packs answers. Started by ``msdnet serve --workers N``
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -165,6 +166,10 @@ def run(settings: Settings, address: str, ready: threading.Event | None = None) 
             loop.add_signal_handler(sig, stop.set)
         while not service.ready:  # warm-up runs on the model thread
             await asyncio.sleep(0.05)
+        # Everything loaded so far (torch, the model, ~176,000 objects) lives for good: out of the
+        # cyclic GC's sight, a full collection no longer pauses this process for ~55 ms.
+        gc.collect()
+        gc.freeze()
         server = EngineServer(service, address)
         serving = asyncio.ensure_future(server.serve(stop))
         await asyncio.sleep(0)  # let serve() bind before workers are told to connect

@@ -74,6 +74,10 @@ MUTANTS = [
            "        logits, new_state = self.backend.advance(state)\n        if block + 1 < self.num_exits:\n"
            "            self.backend.advance(new_state)  # runs the next block and discards it\n",
            WORK, "runner also runs the next block after each step and discards it"),
+    Mutant("runner-pins-finished", "server/engine/runner.py",
+           "            loop.call_soon_threadsafe(_set_results, answers)\n",
+           "            loop.call_soon_threadsafe(_set_results, answers)\n        self._kept = finished\n", ("tests/test_memory.py",),
+           "the model thread keeps the last step's finished tasks (and their futures) alive"),
     Mutant("runner-lazy-off", "server/engine/runner.py", "return self.model.start(x, lazy=True)",
            "return self.model.start(x, lazy=False)", WORK, "runner starts blocks with lazy evaluation off"),
     Mutant("runner-temperature-1", "server/engine/runner.py",

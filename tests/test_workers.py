@@ -6,7 +6,6 @@ never import torch, SIGTERM exits 0 and cleans up, a dead engine stops the serve
 from __future__ import annotations
 
 import base64
-import io
 import os
 import re
 import signal
@@ -18,18 +17,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests.live import LiveServer
+from tests.test_server_live import png
 
 pytestmark = pytest.mark.integration
-
-
-def png(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def children(pid: int) -> list[int]:

@@ -34,7 +34,7 @@ STAGES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(pat)) for n
     ("network", r"onnxruntime/|torch/|server/engine/backends\.py|model/network\.py"),
     ("decode", r"PIL/|server/images\.py|model/transforms\.py|base64"),
     ("json", r"\(json/|orjson|pydantic|fastapi/encoders|server/http/responses\.py|server/http/schemas\.py"),
-    ("ipc", r"zmq/|msgpack|server/ipc/"),
+    ("ipc", r"asyncio/streams|msgpack|server/ipc/"),
     ("schedule", r"server/engine/|server/budget/|server/service\.py"),
     ("metrics", r"prometheus_client/"),
     ("http", r"uvicorn/|starlette/|fastapi/|httptools|h11/|multipart|server/http/"),

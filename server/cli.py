@@ -52,7 +52,7 @@ def cmd_serve(args) -> int:
 
 def _serve_split(settings, overrides: dict, log_config: dict) -> int:
     """``--workers N``: one engine process (model, scheduler, controller) and N
-    uvicorn worker processes (HTTP, decoding) that reach it over ZeroMQ.
+    uvicorn worker processes (HTTP, decoding) that reach it over a Unix socket.
 
     The engine starts first and warms up; the workers start once it answers. The
     workers read their settings from the environment (uvicorn spawns them), so
@@ -79,7 +79,7 @@ def _serve_split(settings, overrides: dict, log_config: dict) -> int:
     metrics_dir.mkdir(parents=True, exist_ok=True)
     for stale in metrics_dir.glob("*.db"):  # values of an earlier run would be added to this one's
         stale.unlink()
-    address = f"ipc://{run_dir / 'engine.sock'}"
+    address = str(run_dir / "engine.sock")  # a Unix socket path: short, under /tmp
     os.environ.update({f"MSDNET_{k.upper()}": str(v) for k, v in overrides.items()})
     os.environ.update({"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "MSDNET_ENGINE_ADDRESS": address})
 

@@ -48,9 +48,9 @@ class Settings(BaseSettings):
                          description="HTTP worker processes; default: usable CPUs, at most 4. 1: the whole "
                                      "replica in one process. N > 1: N uvicorn workers (HTTP, JSON, image "
                                      "decoding) and one engine process (model, scheduler, budget controller) "
-                                     "they reach over ZeroMQ (server.ipc).")
+                                     "they reach over a Unix socket (server.ipc).")
     engine_address: str | None = Field(None, description="Set by 'msdnet serve --workers N' for its workers: "
-                                       "the engine process's ZeroMQ endpoint. Unset: load the model here.")
+                                       "the engine process's Unix socket path. Unset: load the model here.")
     # Defaults measured best on a 2-core machine (docs/PEERS.md): the model thread's
     # intra-op threads leave one core to the event loop and decoding (torch eager with
     # 2 threads there served 13 req/s at the last exit, with 1 thread 164), and ONNX

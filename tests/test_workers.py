@@ -109,14 +109,14 @@ def test_two_workers_answer_like_one_process_and_every_scrape_shows_the_whole_re
 def test_sigterm_stops_every_process_and_a_dead_engine_stops_the_server(tiny_checkpoint):
     with LiveServer(tiny_checkpoint, args=["--workers", "2"]) as srv:
         procs = children(srv.proc.pid)
-        run_dirs = set(re.findall(r"ipc://(/\S+?)/engine\.sock", srv.read_log()))
+        run_dirs = set(re.findall(r" on (/\S+?)/engine\.sock", srv.read_log()))
         assert len(run_dirs) == 1 and Path(run_dirs.pop()).exists()
     assert srv.returncode == 0, srv.log[-2000:]
     deadline = time.monotonic() + 10  # multiprocessing's resource tracker leaves after its parent
     while (left := [p for p in procs if Path(f"/proc/{p}").exists()]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, [cmdline(p) for p in left]
-    assert not any(Path(d).exists() for d in re.findall(r"ipc://(/\S+?)/engine\.sock", srv.log))
+    assert not any(Path(d).exists() for d in re.findall(r" on (/\S+?)/engine\.sock", srv.log))
 
     with LiveServer(tiny_checkpoint, args=["--workers", "2"]) as srv:
         engine = [p for p in children(srv.proc.pid) if "libtorch" in Path(f"/proc/{p}/maps").read_text()]

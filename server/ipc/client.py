@@ -15,8 +15,6 @@ import itertools
 import logging
 
 import numpy as np
-import zmq
-import zmq.asyncio
 
 from model.transforms import InputContract
 
@@ -33,10 +31,10 @@ log = logging.getLogger("msdnet.client")
 
 
 class EngineClient:
-    """One worker's connection to its replica's engine process (a ZeroMQ DEALER socket).
+    """One worker's connection to its replica's engine process (a Unix stream socket).
 
     Args:
-        address: the engine's ZeroMQ endpoint (``MSDNET_ENGINE_ADDRESS``).
+        address: path of the engine's socket (``MSDNET_ENGINE_ADDRESS``).
         settings: this worker's settings (the same environment as the engine's).
 
     Use from one event loop: :meth:`connect` first, :meth:`close` last.
@@ -52,7 +50,7 @@ class EngineClient:
         self.target_flops = 0.0
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
-        self._sock = None
+        self._writer: asyncio.StreamWriter | None = None
         self._receiver: asyncio.Task | None = None
         self._ready = False
 
@@ -71,12 +69,8 @@ class EngineClient:
         Raises:
             TimeoutError: the engine did not answer within ``timeout_s`` seconds.
         """
-        self._sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, 0)  # bounded by the engine's queue (503), never dropped here
-        self._sock.setsockopt(zmq.RCVHWM, 0)
-        self._sock.connect(self.address)
-        self._receiver = asyncio.ensure_future(self._receive())
+        reader, self._writer = await asyncio.wait_for(asyncio.open_unix_connection(self.address), timeout_s)
+        self._receiver = asyncio.ensure_future(self._receive(reader))
         meta, _ = await asyncio.wait_for(self._call({"op": "hello"}), timeout_s)
         self.classes = list(meta["classes"])
         self.exit_flops = [int(f) for f in meta["exit_flops"]]
@@ -87,27 +81,31 @@ class EngineClient:
 
     async def close(self) -> None:
         """Stop receiving; requests still waiting get 503."""
-        self._ready = False
         if self._receiver is not None:
             self._receiver.cancel()
+        self._fail_pending("the engine process stopped")
+        if self._writer is not None:
+            self._writer.close()
+
+    def _fail_pending(self, why: str) -> None:
+        self._ready = False
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(errors.NotReady("the engine process stopped"))
+                fut.set_exception(errors.NotReady(why))
         self._pending.clear()
-        if self._sock is not None:
-            self._sock.close()
 
-    async def _receive(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart()
-            try:
-                header, array = wire.unpack(frames)
-            except wire.WireError as exc:
-                log.error("dropped a malformed reply: %s", exc)
-                continue
-            fut = self._pending.pop(header.get("id"), None)
-            if fut is not None and not fut.done():
-                fut.set_result((header, array))
+    async def _receive(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                header, array = wire.unpack(await wire.read(reader))
+                fut = self._pending.pop(header.get("id"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result((header, array))
+        except (asyncio.IncompleteReadError, ConnectionError, wire.WireError) as exc:
+            # The engine is gone (the CLI stops this worker next) or the stream is out of
+            # step: either way no answer can come, so the waiting requests get 503 now.
+            log.error("lost the engine connection: %s", exc)
+            self._fail_pending("lost the connection to the engine process")
 
     async def _call(self, header: dict, array: np.ndarray | None = None) -> tuple[dict, np.ndarray | None]:
         """Send one request and wait for its reply.
@@ -115,11 +113,14 @@ class EngineClient:
         Raises:
             errors.ServiceError: the one the engine answered with.
         """
+        if self._writer is None or self._writer.is_closing() or (self._receiver and self._receiver.done()):
+            raise errors.NotReady("no connection to the engine process")
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            await self._sock.send_multipart(wire.pack({**header, "id": rid}, array))
+            # No drain(): the engine's queue bound (503) limits what is in flight.
+            self._writer.writelines(wire.pack({**header, "id": rid}, array))
             reply, out = await fut
         finally:
             self._pending.pop(rid, None)

@@ -1,6 +1,7 @@
 """The engine process: one per replica, it owns the model, the scheduler and the
 budget controller (a :class:`server.service.Service`), and answers the HTTP
-worker processes over one ZeroMQ ROUTER socket (``server.ipc.wire`` messages).
+worker processes over a Unix stream socket, one connection per worker
+(asyncio streams, ``server.ipc.wire`` messages).
 
 Workers send images already decoded (float32 ``(N, C, H, W)``), so this process
 does no HTTP, JSON or image decoding: its event loop only unpacks frames, submits
@@ -16,9 +17,6 @@ import logging
 import signal
 import threading
 
-import zmq
-import zmq.asyncio
-
 from .. import errors
 from ..service import Service
 from ..settings import Settings
@@ -32,13 +30,18 @@ class EngineServer:
 
     Args:
         service: the replica's service (started by the caller).
-        address: ZeroMQ endpoint to bind, e.g. ``ipc:///run/msdnet/engine.sock``.
+        address: path of the Unix socket to listen on, e.g. ``/tmp/msdnet-x/engine.sock``.
+
+    Call :meth:`start` (listens), then :meth:`serve`.
     """
 
     def __init__(self, service: Service, address: str):
         self.service = service
         self.address = address
-        self._tasks: set[asyncio.Task] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._readers: set[asyncio.Task] = set()       # one per worker connection
+        self._tasks: set[asyncio.Task] = set()         # one per request being answered
+        self._writers: set[asyncio.StreamWriter] = set()
 
     def hello(self) -> dict:
         """What a worker needs to decode images and shape answers."""
@@ -85,45 +88,60 @@ class EngineServer:
             log.error("engine request %s failed: %s", op, type(exc).__name__, exc_info=exc)
             return {"error": wire.error_to_wire(errors.ServiceError(f"engine error ({type(exc).__name__})"))}, None
 
-    async def serve(self, stop: asyncio.Event) -> None:
-        """Answer requests until ``stop`` is set; requests in flight then finish first."""
-        ctx = zmq.asyncio.Context.instance()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 1000)
-        # No message limit: the scheduler's queue bound (503) already limits what is in flight,
-        # and a ROUTER would silently drop answers past its high-water mark.
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.bind(self.address)
+    async def start(self) -> None:
+        """Listen on the socket (workers may connect once this returns)."""
+        self._server = await asyncio.start_unix_server(self._connection, path=self.address)
 
-        async def answer(ident: bytes, frames: list) -> None:
-            try:
-                header, images = wire.unpack(frames)
-            except wire.WireError as exc:
-                log.error("malformed message: %s", exc)
-                rid = wire.request_id(frames)
-                if rid is not None:  # answer it: the worker's request must not hang
-                    err = wire.error_to_wire(errors.ServiceError(f"engine could not read the request: {exc}"))
-                    await sock.send_multipart([ident, *wire.pack({"id": rid, "error": err})])
-                return
-            reply, array = await self.handle(header, images)
-            await sock.send_multipart([ident, *wire.pack({"id": header.get("id"), **reply}, array)])
-
-        async def receive() -> None:  # one plain await per message: the cheapest loop pyzmq offers
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read one worker's requests until it disconnects; each is answered in its own task."""
+        self._readers.add(asyncio.current_task())
+        self._writers.add(writer)
+        try:
             while True:
-                ident, *frames = await sock.recv_multipart()
-                task = asyncio.ensure_future(answer(ident, frames))
+                frames = await wire.read(reader)
+                task = asyncio.ensure_future(self._answer(writer, frames))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+        except (asyncio.IncompleteReadError, ConnectionError):  # the worker is gone
+            self._writers.discard(writer)
+            writer.close()
+        except wire.WireError as exc:  # the stream is out of step: drop this worker's connection
+            log.error("malformed message, closing the connection: %s", exc)
+            self._writers.discard(writer)
+            writer.close()
+        finally:  # cancelled at shutdown: the writer stays open for the answers in flight
+            self._readers.discard(asyncio.current_task())
 
-        receiver = asyncio.ensure_future(receive())
+    async def _answer(self, writer: asyncio.StreamWriter, frames: list) -> None:
+        try:
+            header, images = wire.unpack(frames)
+        except wire.WireError as exc:
+            log.error("malformed message: %s", exc)
+            rid = wire.request_id(frames)
+            if rid is not None and not writer.is_closing():  # answer it: the worker's request must not hang
+                err = wire.error_to_wire(errors.ServiceError(f"engine could not read the request: {exc}"))
+                writer.writelines(wire.pack({"id": rid, "error": err}))
+            return
+        reply, array = await self.handle(header, images)
+        if not writer.is_closing():  # a worker that left gets nothing
+            writer.writelines(wire.pack({"id": header.get("id"), **reply}, array))
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Answer requests until ``stop`` is set; requests in flight then finish first
+        (within the drain timeout), new ones are no longer read."""
+        if self._server is None:
+            await self.start()
         try:
             await stop.wait()
-            receiver.cancel()
+            self._server.close()
+            for task in list(self._readers):
+                task.cancel()
             if self._tasks:
                 await asyncio.wait(set(self._tasks), timeout=self.service.settings.drain_timeout_s)
         finally:
-            sock.close()
+            self._server.close()
+            for writer in self._writers:
+                writer.close()
 
 
 def _loop_factory():
@@ -171,13 +189,12 @@ def run(settings: Settings, address: str, ready: threading.Event | None = None) 
         gc.collect()
         gc.freeze()
         server = EngineServer(service, address)
-        serving = asyncio.ensure_future(server.serve(stop))
-        await asyncio.sleep(0)  # let serve() bind before workers are told to connect
+        await server.start()  # listening before the workers are told to connect
         if ready is not None:
             ready.set()
         log.info("engine serving %s on %s: %d exits, target %.0f FLOPs per request", settings.checkpoint,
                  address, service.num_exits, service.keeper.target)
-        await serving
+        await server.serve(stop)
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -1,10 +1,12 @@
 """The messages between HTTP worker processes and the engine process.
 
-One message is a list of ZeroMQ frames: a msgpack header (a small dict) and, when
-images or probabilities travel, one frame of raw float32 bytes in C order whose
-shape the header gives: ``(N, C, H, W)`` decoded images one way, ``(N, num_classes)``
-probabilities the other. Nothing is pickled: a frame is ``ndarray.tobytes()`` and
-is read back with ``np.frombuffer`` (no copy). Pure: numpy and msgpack only.
+They travel over one Unix stream socket per worker (asyncio streams). A message is
+an 8-byte prefix (two little-endian uint32: header bytes, array bytes), a msgpack
+header (a small dict) and, when images or probabilities travel, raw float32
+bytes in C order whose shape the header gives: ``(N, C, H, W)`` decoded images
+one way, ``(N, num_classes)`` probabilities the other. Nothing is pickled: the
+array is ``ndarray.tobytes()`` and is read back with ``np.frombuffer`` (no copy).
+Pure apart from :func:`read`: numpy, msgpack and an ``asyncio.StreamReader``.
 
 Requests (header ``op``): ``hello``, ``classify``, ``batch``, ``budget``,
 ``set_target``. Every reply carries the request's ``id`` and either the result
@@ -13,7 +15,9 @@ fields or ``error`` (a :class:`server.errors.ServiceError` as a dict).
 
 from __future__ import annotations
 
+import asyncio
 import math
+import struct
 
 import msgpack
 import numpy as np
@@ -22,6 +26,9 @@ from .. import errors
 from ..engine.scheduler import Finished, Outcome
 
 OPS = ("hello", "classify", "batch", "budget", "set_target")
+PREFIX = struct.Struct("<II")  # header bytes, array bytes
+MAX_HEADER_BYTES = 1 << 20     # a header is a few hundred bytes; more means the stream is corrupt
+MAX_ARRAY_BYTES = 1 << 31      # decoded images are the model's input size: far below this
 
 
 class WireError(ValueError):
@@ -29,21 +36,41 @@ class WireError(ValueError):
 
 
 def pack(header: dict, array: np.ndarray | None = None) -> list[bytes]:
-    """Frames for ``header`` and, optionally, one float32 array (shape goes in the header)."""
+    """The buffers of one message, to write in order (``writer.writelines``): the
+    prefix, ``header`` (plus the array's shape) and, optionally, one float32 array."""
     if array is None:
-        return [msgpack.packb(header)]
+        head = msgpack.packb(header)
+        return [PREFIX.pack(len(head), 0), head]
     array = np.ascontiguousarray(array, dtype=np.float32)
-    return [msgpack.packb({**header, "shape": list(array.shape)}), array.tobytes()]
+    head = msgpack.packb({**header, "shape": list(array.shape)})
+    data = array.tobytes()
+    return [PREFIX.pack(len(head), len(data)), head, data]
+
+
+async def read(reader: asyncio.StreamReader) -> list[memoryview]:
+    """The next message's frames ``[header]`` or ``[header, array]`` (for :func:`unpack`).
+
+    Raises:
+        asyncio.IncompleteReadError: the peer closed the stream (at a message
+            boundary: ``partial`` is empty).
+        WireError: a prefix announcing more than the limits; the stream cannot be
+            read further (close it).
+    """
+    n_head, n_array = PREFIX.unpack(await reader.readexactly(PREFIX.size))
+    if n_head > MAX_HEADER_BYTES or n_array > MAX_ARRAY_BYTES:
+        raise WireError(f"message prefix announces {n_head} + {n_array} bytes")
+    body = memoryview(await reader.readexactly(n_head + n_array))  # slices below copy nothing
+    return [body[:n_head], body[n_head:]] if n_array else [body]
 
 
 def unpack(frames: list) -> tuple[dict, np.ndarray | None]:
-    """``(header, array or None)`` from :func:`pack`'s frames (``bytes`` or ``zmq.Frame``).
+    """``(header, array or None)`` from the frames (bytes-like) of one message (:func:`read`).
 
     Raises:
-        WireError: a malformed header, or an array frame whose size is not its shape's.
+        WireError: a malformed header, or an array whose size is not its shape's.
     """
     try:
-        header = msgpack.unpackb(bytes(frames[0]))
+        header = msgpack.unpackb(frames[0])
     except (ValueError, msgpack.UnpackException, IndexError) as exc:
         raise WireError(f"bad header: {exc}") from None
     if not isinstance(header, dict):
@@ -51,17 +78,16 @@ def unpack(frames: list) -> tuple[dict, np.ndarray | None]:
     if len(frames) < 2:
         return header, None
     shape = tuple(int(n) for n in header.get("shape", ()))
-    buf = frames[1].buffer if hasattr(frames[1], "buffer") else frames[1]
-    if len(buf) != 4 * math.prod(shape):
-        raise WireError(f"array frame of {len(buf)} bytes does not hold float32 {shape}")
-    return header, np.frombuffer(buf, dtype=np.float32).reshape(shape)
+    if len(frames[1]) != 4 * math.prod(shape):
+        raise WireError(f"array of {len(frames[1])} bytes does not hold float32 {shape}")
+    return header, np.frombuffer(frames[1], dtype=np.float32).reshape(shape)
 
 
 def request_id(frames: list) -> int | None:
-    """The ``id`` of a message whose array frame is malformed (None if unreadable),
+    """The ``id`` of a message whose array is malformed (None if unreadable),
     so that the sender still gets an answer."""
     try:
-        header = msgpack.unpackb(bytes(frames[0]))
+        header = msgpack.unpackb(frames[0])
         return header.get("id") if isinstance(header, dict) else None
     except (ValueError, msgpack.UnpackException, IndexError):
         return None

@@ -1,0 +1,154 @@
+"""The engine's socket server and the workers' client (server/ipc/engine.py,
+server/ipc/client.py) over a real Unix socket, with a stand-in service whose
+``classify`` the test holds and releases: bad messages are answered or cut off
+without touching other requests, a lost engine fails waiting requests at once
+(503), and a stopping engine answers what it holds first."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from model.transforms import InputContract
+from server import errors
+from server.engine.scheduler import Finished, Outcome
+from server.ipc import wire
+from server.ipc.client import EngineClient
+from server.ipc.engine import EngineServer
+from server.settings import Settings
+
+
+class HeldService:
+    """What EngineServer uses of a Service; ``classify`` answers exit 1 with the
+    image's mean as confidence once ``release`` is set."""
+
+    def __init__(self):
+        self.ready = True
+        self.classes = ["a", "b"]
+        self.exit_flops = [100, 300]
+        self.transforms = InputContract.exact(4, 1, (0.5,), (0.25,))
+        self.keeper = SimpleNamespace(target=200.0)
+        self.settings = SimpleNamespace(drain_timeout_s=5.0)
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def classify(self, images, deadline_ms, started):
+        self.calls += 1
+        await self.release.wait()
+        return [Finished(Outcome.CONFIDENT, 1, np.array([0.25, 0.75], np.float32), 100, float(x.mean()))
+                for x in images]
+
+
+def image(v: float) -> np.ndarray:
+    return np.full((1, 4, 4), v, np.float32)
+
+
+async def started_engine(tmp_path):
+    service = HeldService()
+    server = EngineServer(service, str(tmp_path / "engine.sock"))
+    await server.start()
+    stop = asyncio.Event()
+    serving = asyncio.ensure_future(server.serve(stop))
+    client = EngineClient(server.address, Settings(checkpoint="unused.pt"))
+    await client.connect(timeout_s=5.0)
+    return service, server, stop, serving, client
+
+
+async def raw_call(address: str, *messages: list[bytes]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_unix_connection(address)
+    for m in messages:
+        writer.writelines(m)
+    return reader, writer
+
+
+def test_answers_come_back_to_the_request_that_asked(tmp_path):
+    async def go():
+        service, server, stop, serving, client = await started_engine(tmp_path)
+        assert client.ready and client.classes == ["a", "b"] and client.exit_flops == [100, 300]
+        assert client.transforms == service.transforms and client.target_flops == 200.0
+        calls = [asyncio.ensure_future(client.classify([image(v)], None, time.monotonic())) for v in (0.1, 0.2, 0.3)]
+        while service.calls < 3:
+            await asyncio.sleep(0.01)
+        assert not any(c.done() for c in calls)  # held in the service, nothing answered early
+        service.release.set()
+        got = [(await c)[0] for c in calls]
+        assert [f.confidence for f in got] == pytest.approx([0.1, 0.2, 0.3])
+        assert all(f.exit == 1 and f.flops == 100 and f.probs.tolist() == [0.25, 0.75] for f in got)
+        stop.set()
+        await serving
+        await client.close()
+
+    asyncio.run(go())
+
+
+def test_a_bad_message_is_answered_or_cut_off_and_touches_no_other_request(tmp_path):
+    async def go():
+        service, server, stop, serving, client = await started_engine(tmp_path)
+        service.release.set()
+        address = client.address
+        # An array that does not fit its shape: answered with an error for its id, the connection stays.
+        bad = wire.pack({"op": "classify", "id": 41, "started": 0.0}, np.zeros((1, 1, 4, 4), np.float32))
+        bad[0] = wire.PREFIX.pack(len(bad[1]), 60)
+        bad[2] = bad[2][:60]
+        reader, writer = await raw_call(address, bad, wire.pack({"op": "hello", "id": 42}))
+        first, second = [wire.unpack(await wire.read(reader))[0] for _ in range(2)]
+        assert first["id"] == 41 and first["error"]["type"] == "ServiceError"
+        assert "could not read the request" in first["error"]["message"]
+        assert second["id"] == 42 and second["classes"] == ["a", "b"]
+        # A prefix beyond the limits: that connection is closed, the engine and other workers go on.
+        writer.write(wire.PREFIX.pack(wire.MAX_HEADER_BYTES + 1, 0))
+        assert await asyncio.wait_for(reader.read(), 5.0) == b""  # closed by the engine
+        writer.close()
+        [f] = await client.classify([image(0.5)], None, time.monotonic())
+        assert f.confidence == pytest.approx(0.5)
+        stop.set()
+        await serving
+        await client.close()
+
+    asyncio.run(go())
+
+
+def test_a_lost_engine_fails_waiting_requests_at_once_with_503(tmp_path):
+    async def go():
+        service, server, stop, serving, client = await started_engine(tmp_path)
+        waiting = asyncio.ensure_future(client.classify([image(0.5)], None, time.monotonic()))
+        while service.calls < 1:
+            await asyncio.sleep(0.01)
+        for w in list(server._writers):
+            w.close()  # the engine's side of the connection goes away, as when the process dies
+        with pytest.raises(errors.NotReady) as got:
+            await asyncio.wait_for(waiting, 5.0)
+        assert got.value.status == 503 and not client.ready
+        with pytest.raises(errors.NotReady, match="no connection"):  # later requests: refused, not queued
+            await client.classify([image(0.5)], None, time.monotonic())
+        service.release.set()
+        stop.set()
+        await serving
+        await client.close()
+
+    asyncio.run(go())
+
+
+def test_a_stopping_engine_answers_what_it_holds_then_reads_nothing_new(tmp_path):
+    async def go():
+        service, server, stop, serving, client = await started_engine(tmp_path)
+        held = asyncio.ensure_future(client.classify([image(0.25)], None, time.monotonic()))
+        while service.calls < 1:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.sleep(0.05)
+        assert not serving.done()  # draining: the held request is still owed an answer
+        service.release.set()
+        [f] = await asyncio.wait_for(held, 5.0)
+        assert f.confidence == pytest.approx(0.25)
+        await asyncio.wait_for(serving, 5.0)
+        with pytest.raises(errors.NotReady):  # the engine has closed this worker's connection
+            await asyncio.wait_for(client.classify([image(0.5)], None, time.monotonic()), 5.0)
+        assert service.calls == 1
+        await client.close()
+
+    asyncio.run(go())

@@ -50,7 +50,7 @@ evaluate:  ## model card figures: anytime table and budgeted curve on the test s
 e2e-full:  ## all 10,000 Fashion-MNIST test images over HTTP against a real server
 	MSDNET_E2E_IMAGES=10000 $(PYTHON) -m pytest -q tests/test_e2e.py -s
 
-bench:  ## docs/BENCHMARKS.md and plots (tens of minutes)
+bench:  ## docs/BENCHMARKS.md and plots: issue 12's goals against LitServe and Ray Serve, in one run (about 30 min)
 	$(PYTHON) -m loadtest.bench --out docs
 
 bench-smoke:

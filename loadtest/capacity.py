@@ -212,6 +212,18 @@ def grid(checkpoint: str, last_exit_flops: int, smoke: bool) -> list[ServerConfi
             msdnet(checkpoint, 2, last_exit_flops, backend="torch")]
 
 
+def bench_grid(checkpoint: str, last_exit_flops: int, smoke: bool) -> list[ServerConfig]:
+    """``make bench``'s configurations: each peer's process and thread counts for 2
+    cores, msdnet-serve's defaults (and 1 and 3 HTTP workers, to show the default is
+    its best) and its defaults forced to the last exit. ``smoke``: one of each server."""
+    if smoke:
+        return grid(checkpoint, last_exit_flops, smoke=True)
+    return [litserve(checkpoint, 1, 1, 1), litserve(checkpoint, 2, 1, 1), litserve(checkpoint, 1, 2, 1),
+            ray(checkpoint, 1, 1), ray(checkpoint, 2, 1),
+            msdnet(checkpoint, None), msdnet(checkpoint, None, workers=1), msdnet(checkpoint, None, workers=3),
+            msdnet(checkpoint, None, last_exit_flops)]
+
+
 # ---------------------------------------------------------------------------- requests
 def json_body(png: bytes) -> bytes:
     """msdnet-serve's JSON encoding of one image: ``{"image": base64}``."""
@@ -333,6 +345,52 @@ def smoke_check(records: list[ol.Record], expected: np.ndarray, n_samples: int, 
         if r.predicted != want:
             problems.append(f"request {r.index}: class {r.predicted}, expected {want} (exit {exit_})")
     return problems
+
+
+# ---------------------------------------------------------------------------- the grid
+def measure_configs(configs: list[ServerConfig], samples: list[Sample], plan: Plan, slo_ms: float,
+                    expected: np.ndarray | None = None) -> tuple[dict, list[str]]:
+    """Start each configuration in turn and search its capacity per encoding; with
+    ``expected`` (:func:`reference_classes` of ``samples``) run the smoke instead: one
+    short trial per encoding whose answers must be right. Returns ``(servers, failures)``:
+    per configuration key its family, labels and per-encoding search (as written to
+    capacity.json), and one line per problem (not installed, did not start, wrong answer)."""
+    smoke = expected is not None
+    servers: dict = {}
+    failures: list[str] = []
+    for cfg in configs:
+        short = cfg.key.split("-", 1)[-1] if cfg.family in ("litserve", "ray") else cfg.key
+        entry = {"family": cfg.family, "label": cfg.label, "config": cfg.config, "encodings": {}, "key_short": short}
+        servers[cfg.key] = entry
+        if not cfg.installed():
+            entry["error"] = f"not installed ({cfg.module}): pip install -e '.[bench]'"
+            failures.append(f"{cfg.key}: {entry['error']}")
+            log(f"{cfg.key}: {entry['error']}")
+            continue
+        log(f"{cfg.key}: {cfg.label}, {cfg.config}")
+        try:
+            with cfg.make() as srv:
+                for enc in ENCODINGS:
+                    make = make_requests(samples, enc)
+                    if smoke:
+                        s, r = trial(srv, make, plan.start, plan, float("inf"))
+                        problems = smoke_check(r.records, expected, len(samples), cfg.family)
+                        s["problems"] = problems[:20]
+                        entry["encodings"][enc] = {"capacity_rps": 0.0, "at_capacity": s, "trials": [s]}
+                        log(f"  {enc}: {s['ok']}/{s['requests']} answered 200, {len(problems)} problem(s) "
+                            f"{problems[:3]}")
+                        failures += [f"{cfg.key} {enc}: {x}" for x in problems[:5]]
+                        if not r.records:
+                            failures.append(f"{cfg.key} {enc}: no request sent")
+                    else:
+                        entry["encodings"][enc] = find_capacity(srv, make, plan, slo_ms, f"{cfg.key} {enc}")
+                        log(f"  {enc}: capacity {entry['encodings'][enc]['capacity_rps']} req/s")
+        except RuntimeError as exc:  # did not start
+            entry["error"] = str(exc).splitlines()[0][:200]
+            failures.append(f"{cfg.key}: {entry['error']}")
+            log(f"{cfg.key}: {exc}")
+        time.sleep(plan.pause_s)
+    return servers, failures
 
 
 # ---------------------------------------------------------------------------- report
@@ -506,39 +564,7 @@ def main(argv: list[str] | None = None) -> int:
                  "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
                  "machine": {"cpus": len(os.sched_getaffinity(0)), "logical_cpus": os.cpu_count()},
                  "loadavg_at_start": os.getloadavg(), "checkpoint": args.checkpoint, "servers": {}}
-    failures: list[str] = []
-    for cfg in configs:
-        short = cfg.key.split("-", 1)[-1] if cfg.family in ("litserve", "ray") else cfg.key
-        entry = {"family": cfg.family, "label": cfg.label, "config": cfg.config, "encodings": {}, "key_short": short}
-        res["servers"][cfg.key] = entry
-        if not cfg.installed():
-            entry["error"] = f"not installed ({cfg.module}): pip install -e '.[bench]'"
-            failures.append(f"{cfg.key}: {entry['error']}")
-            log(f"{cfg.key}: {entry['error']}")
-            continue
-        log(f"{cfg.key}: {cfg.label}, {cfg.config}")
-        try:
-            with cfg.make() as srv:
-                for enc in ENCODINGS:
-                    make = make_requests(samples, enc)
-                    if args.smoke:
-                        s, r = trial(srv, make, plan.start, plan, float("inf"))
-                        problems = smoke_check(r.records, expected, len(samples), cfg.family)
-                        s["problems"] = problems[:20]
-                        entry["encodings"][enc] = {"capacity_rps": 0.0, "at_capacity": s, "trials": [s]}
-                        log(f"  {enc}: {s['ok']}/{s['requests']} answered 200, {len(problems)} problem(s) "
-                            f"{problems[:3]}")
-                        failures += [f"{cfg.key} {enc}: {x}" for x in problems[:5]]
-                        if not r.records:
-                            failures.append(f"{cfg.key} {enc}: no request sent")
-                    else:
-                        entry["encodings"][enc] = find_capacity(srv, make, plan, args.slo_ms, f"{cfg.key} {enc}")
-                        log(f"  {enc}: capacity {entry['encodings'][enc]['capacity_rps']} req/s")
-        except RuntimeError as exc:  # did not start
-            entry["error"] = str(exc).splitlines()[0][:200]
-            failures.append(f"{cfg.key}: {entry['error']}")
-            log(f"{cfg.key}: {exc}")
-        time.sleep(plan.pause_s)
+    res["servers"], failures = measure_configs(configs, samples, plan, args.slo_ms, expected)
     res["loadavg_at_end"] = os.getloadavg()
     res["failures"] = failures
     (out / "capacity.json").write_text(json.dumps(res, indent=1, default=float))

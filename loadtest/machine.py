@@ -10,9 +10,12 @@ from pathlib import Path
 
 
 def machine_info() -> dict:
-    """CPU model and topology (``lscpu``), logical CPUs, Python, torch and
+    """CPU model and topology (``lscpu``), logical and usable CPUs (affinity and
+    cgroup quota, as ``msdnet serve`` counts them), Python, torch and
     onnxruntime versions, the git revision of this checkout and the load average."""
-    info = {"cpu": platform.processor() or "unknown", "logical_cpus": os.cpu_count(),
+    from server.settings import usable_cpus
+
+    info = {"cpu": platform.processor() or "unknown", "logical_cpus": os.cpu_count(), "cpus": usable_cpus(),
             "python": platform.python_version(), "platform": platform.platform()}
     with contextlib.suppress(Exception):
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout

@@ -37,31 +37,6 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend: d
     _save(fig, path)
 
 
-def plot_throughput(a: dict, slo_ms: float, path: Path) -> None:
-    """p99 latency (ms) against arrival rate (requests/s) of every rate tried, per server."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for res in a["servers"].values():
-        tr = sorted(res["search"]["trials"], key=lambda s: s["rate"])
-        p99 = [min(s["p99_ms"], 1e5) for s in tr]
-        ax.plot([s["rate"] for s in tr], p99, "o-", label=f"{res['label']} (capacity {res['capacity_rps']:g}/s)")
-    ax.axhline(slo_ms, color="k", ls="--", lw=1, label=f"SLO p99 = {slo_ms:g} ms")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(ScalarFormatter())
-        axis.set_minor_formatter(NullFormatter())
-    rates = [s["rate"] for res in a["servers"].values() for s in res["search"]["trials"]]
-    if rates:
-        ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
-                 if min(rates) / 1.5 <= t <= max(rates) * 1.5]
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-    _finish(fig, ax, path, "arrival rate (requests/s, Poisson, open loop)", "p99 latency from scheduled send (ms)",
-            "Throughput at the SLO (failed requests count as infinitely slow)", {}, {"which": "both"})
-
-
 def plot_controller(b: dict, path: Path) -> None:
     """Per-request FLOPs (MACs), their rolling mean and the target, in completion order."""
     plt = _plt()
@@ -113,37 +88,16 @@ def plot_deadlines(rows: list[dict], num_exits: int, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_efficiency(d: dict, path: Path) -> None:
-    """Attained GMAC/s per block at batch 1 and 64 against the matmul peak and the full forwards."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(10, 4.2), dpi=110)
-    k = len(d["block_flops"])
-    width = 0.38
-    for j, b in enumerate((1, 64)):
-        v = np.array(d["batches"][b]["block_macs_per_s"]) / 1e9
-        ax.bar(np.arange(k) + (j - 0.5) * width, v, width, label=f"staged block, batch {b}")
-    ax.axhline(d["peak"]["macs_per_s"] / 1e9, color="k", ls="--", lw=1,
-               label=f"float32 matmul {d['peak']['n']}² (practical peak)")
-    for b, ls in ((1, ":"), (64, "-.")):
-        ax.axhline(d["batches"][b]["torch_full_macs_per_s"] / 1e9, color="tab:purple", ls=ls, lw=1,
-                   label=f"torch full forward, batch {b}")
-        if "batches" in d["onnx"]:
-            ax.axhline(d["onnx"]["batches"][b]["macs_per_s"] / 1e9, color="tab:olive", ls=ls, lw=1,
-                       label=f"ONNX Runtime full forward, batch {b}")
-    ax.set_xticks(np.arange(k), [f"block {i + 1}" for i in range(k)])
-    ax.set_yscale("log")
-    _finish(fig, ax, path, "", "GMAC/s (multiply-accumulates per second)",
-            f"Compute efficiency, {d['threads']} thread(s)",
-            {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}, {"axis": "y", "which": "both"})
-
-
 def write_plots(res: dict, out: Path) -> None:
     """Every plot whose part is in ``res``, into the folder ``out`` (names: ``PNGS``)."""
-    if "a" in res:
-        plot_throughput(res["a"], res["slo_ms"], out / PNGS["throughput"])
-    if "b" in res:
+    from . import capacity, stages
+
+    if res.get("a"):
+        capacity.plot(res["a"], out / PNGS["capacity"])
+        capacity.plot_latency(res["a"], out / PNGS["latency"])
+    if res.get("s"):
+        stages.plot(res["s"]["rows"], out / PNGS["stages"])
+    if res.get("b"):
         plot_controller(res["b"], out / PNGS["controller"])
-    if "c" in res:
+    if res.get("c"):
         plot_deadlines(res["c"]["rows"], len(res["offline"]["exit_flops"]), out / PNGS["deadlines"])
-    if "d" in res:
-        plot_efficiency(res["d"], out / PNGS["efficiency"])

@@ -1,5 +1,6 @@
 """Pure pieces of the benchmark (no server, no model): the report's table helper,
-part b's window errors (hand-computed) and the import direction loadtest -> not tests."""
+part b's window errors and part e's fixed-threshold comparison (hand-computed),
+the goal figures of the report, and the import direction loadtest -> not tests."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from loadtest.parts.accuracy import accuracy_at, fixed_curve
 from loadtest.parts.controller import window_errors
-from loadtest.report import table
+from loadtest.report import figures, goals_section, table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +33,45 @@ def test_window_errors_by_hand():
     assert w["max_abs_error_disjoint"] == pytest.approx(0.25)  # windows 0 and 2
     assert window_errors(np.array([1.0]), np.array([1.0]), 2) == {"max_abs_error_constant": None,
                                                                    "max_abs_error_all": None, "windows": 0}
+
+
+def test_fixed_thresholds_by_hand():
+    # Two exits costing 10 and 30 FLOPs; four images. Confidence at exit 1: 0.9, 0.6, 0.4, 0.2.
+    # Exit 1 right for images 0, 2; exit 2 right for 0, 1, 2.
+    conf = np.array([[0.9, 0.6, 0.4, 0.2], [1.0, 1.0, 1.0, 1.0]])
+    pred = np.array([[5, 0, 2, 0], [5, 1, 2, 0]])
+    labels = np.array([5, 1, 2, 3])
+    curve = fixed_curve(conf, pred, labels, [(0.5, 0.0), (0.95, 0.0), (0.0, 0.0)], [10, 30])
+    # threshold 0.0: all leave at exit 1 (10 FLOPs, 2 right); 0.5: images 0, 1 leave -> 10, 10, 30, 30
+    # (image 1 wrong at exit 1; 2 right at exit 2) = 20 FLOPs, 2/4; 0.95: all at exit 2 = 30 FLOPs, 3/4.
+    assert curve == [(10.0, 0.5), (20.0, 0.5), (30.0, 0.75)]
+    assert accuracy_at(curve, 25.0) == pytest.approx(0.625)  # halfway between 20 and 30
+    assert accuracy_at(curve, 5.0) == 0.5 and accuracy_at(curve, 99.0) == 0.75  # clamped at the ends
+    with pytest.raises(ValueError, match="no operating points"):
+        accuracy_at([], 1.0)
+
+
+def _search(cap: float, flops: float, server_cores: float) -> dict:
+    return {"capacity_rps": cap, "trials": [], "at_capacity": {"rate": cap, "mean_flops": flops,
+                                                               "server_cores": server_cores, "client_cores": 0.2}}
+
+
+def test_goal_figures_use_the_defaults_and_each_peers_best():
+    a = {"servers": {
+        "litserve-a1-w1-t1": {"family": "litserve", "encodings": {"png": _search(200, 21e6, 1.0)}},
+        "litserve-a1-w2-t1": {"family": "litserve", "encodings": {"png": _search(250, 21e6, 1.5)}},
+        "ray-r1-t1": {"family": "ray", "encodings": {"png": _search(50, 21e6, 1.0)}},
+        "msdnet-default": {"family": "msdnet", "encodings": {"png": _search(700, 6e6, 1.6)}},
+        "msdnet-default-w3": {"family": "msdnet", "encodings": {"png": _search(800, 6e6, 1.7)}},
+        "msdnet-last-default": {"family": "msdnet-last", "encodings": {"png": _search(350, 21e6, 1.5)}}}}
+    f = figures({"a": a})["png"]
+    # The defaults are judged, not the best msdnet configuration; each peer at its best.
+    assert f["msdnet"][1] == 700 and f["ratios"] == {"litserve": pytest.approx(2.8), "ray": pytest.approx(14.0)}
+    assert f["last_vs_best_peer"] == pytest.approx(1.4) and f["gain"] == pytest.approx(2.0)
+    assert f["flops_ratio"] == pytest.approx(3.5) and f["server_cores"] == 1.6
+    rows = goals_section({"a": a, "slo_ms": 100.0})
+    assert any("2.80× LitServe's best (250)" in r and "**met**" in r for r in rows)
+    assert any("server 1.60 + client 0.20 cores" in r and "**not met**" in r for r in rows)
 
 
 def test_loadtest_imports_nothing_from_tests():

@@ -4,23 +4,29 @@ thresholds, and per-class exit-1 accuracy (which picks part b's easy and hard tr
 from __future__ import annotations
 
 
-def offline_eval(ck, test) -> dict:
+def offline_eval(ck, test, logits=None) -> dict:
     """Test-split accuracy per exit, at the calibrated thresholds, and per class at exit 1.
 
     ``ck``: a loaded calibrated checkpoint; ``test``: a dataset with ``images``
-    (N, 1, 28, 28) and ``labels`` (N,). ``exit_flops``: cumulative multiply-accumulates
-    per exit with lazy evaluation (MSDNet paper convention)."""
+    (N, 1, 28, 28) and ``labels`` (N,); ``logits``: (exits, N, classes) of ``test``
+    if already computed. ``exit_flops``: cumulative multiply-accumulates per exit
+    with lazy evaluation (MSDNet paper convention)."""
+    import numpy as np
+    import torch
+
     from model import calibration as C
     from model.evaluate import collect_logits
 
-    t = ck.transforms
-    logits = collect_logits(ck.model, test, t.mean, t.std)
+    if logits is None:
+        t = ck.transforms
+        logits = collect_logits(ck.model, test, t.mean, t.std)
+    logits = np.asarray(logits)
     labels = test.labels.numpy()
-    pred = logits.argmax(2).numpy()
+    pred = logits.argmax(2)
     top1 = (pred == labels[None]).mean(axis=1)
     flops = ck.exit_flops(lazy=True)
     cal = ck.calibration
-    conf, cpred = C.confidences(logits, cal.temperatures)
+    conf, cpred = C.confidences(torch.from_numpy(logits), cal.temperatures)
     mean, acc, shares = C.evaluate_thresholds(conf, cpred, labels, list(cal.thresholds), flops)
     per_class = []
     for c, name in enumerate(ck.classes):

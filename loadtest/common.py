@@ -72,3 +72,27 @@ def fmt(v, spec: str = "{:.1f}", none: str = "–") -> str:
 def pct(v, spec: str = "{:.2f}") -> str:
     """A fraction as a percentage (without the % sign); '–' for None."""
     return fmt(None if v is None else 100 * v, spec)
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table: the header row, the ``---`` row, then ``rows`` (each as many
+    cells as ``header``; ``ValueError`` otherwise). An empty cell is written ``| |``."""
+    for r in rows:
+        if len(r) != len(header):
+            raise ValueError(f"row of {len(r)} cells under a header of {len(header)}: {r}")
+
+    def line(cells: list[str]) -> str:
+        return "|" + "|".join(f" {c} " if c != "" else " " for c in cells) + "|"
+
+    return [line(header), line(["---"] * len(header)), *(line(r) for r in rows)]
+
+
+def yes(ok) -> str:
+    """A goal's verdict cell."""
+    return "**met**" if ok else "**not met**"
+
+
+def exit_shares(exits: dict) -> str:
+    """``{"1": n1, ...}`` as '1: 40%, 2: 60%' (shares of the answered requests)."""
+    tot = sum(exits.values()) or 1
+    return ", ".join(f"{k}: {100 * v / tot:.0f}%" for k, v in exits.items())

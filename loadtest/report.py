@@ -6,46 +6,10 @@ cumulative per exit; 1 MFLOPs = 10⁶ of them."""
 from __future__ import annotations
 
 from . import capacity, stages
-from .common import (
-    PNGS,
-    TARGET_ACC_DROP_POINTS,
-    TARGET_BLOCKS_B1,
-    TARGET_BLOCKS_B64,
-    TARGET_DEADLINE_SHARE,
-    TARGET_FLOPS_ERROR,
-    TARGET_PEER_RATIO,
-    TARGET_SERVER_CORES,
-    TARGET_STALL_CLASSIFY_MS,
-    TARGET_STALL_HEALTHZ_MS,
-    fmt,
-    pct,
-)
+from .common import PNGS, TARGET_DEADLINE_SHARE, TARGET_FLOPS_ERROR, exit_shares, fmt, pct, table, yes
+from .goals import MF, figures, goals_section
+from .goals import ratio as _ratio
 from .parts.accuracy import TARGET_POINTS
-
-MF = 1e6  # MACs per MFLOPs
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """A Markdown table: the header row, the ``---`` row, then ``rows`` (each as many
-    cells as ``header``; ``ValueError`` otherwise). An empty cell is written ``| |``."""
-    for r in rows:
-        if len(r) != len(header):
-            raise ValueError(f"row of {len(r)} cells under a header of {len(header)}: {r}")
-
-    def line(cells: list[str]) -> str:
-        return "|" + "|".join(f" {c} " if c != "" else " " for c in cells) + "|"
-
-    return [line(header), line(["---"] * len(header)), *(line(r) for r in rows)]
-
-
-def _yes(ok) -> str:
-    return "**met**" if ok else "**not met**"
-
-
-def _exit_shares(exits: dict) -> str:
-    """``{"1": n1, ...}`` as '1: 40%, 2: 60%' (shares of the answered requests)."""
-    tot = sum(exits.values()) or 1
-    return ", ".join(f"{k}: {100 * v / tot:.0f}%" for k, v in exits.items())
 
 
 def _server_met(row: dict) -> str:
@@ -137,7 +101,7 @@ def controller_section(res: dict) -> list[str]:
             "over windows under one target (these include the easy→hard and hard→easy switches); "
             f"{pct(b['max_abs_error_all'])}% over all windows, including those spanning the PUT; "
             f"{pct(b.get('max_abs_error_disjoint'))}% over disjoint windows. "
-            f"Target ±{TARGET_FLOPS_ERROR:.0%}: {_yes(b['target_met'])}."]
+            f"Target ±{TARGET_FLOPS_ERROR:.0%}: {yes(b['target_met'])}."]
     if b.get("worst_window_start") is not None:
         ph = b["series"]["phase"]
         i = b["worst_window_start"]
@@ -164,157 +128,14 @@ def deadlines_section(res: dict) -> list[str]:
              *(fmt(None if r["per_deadline"][f"{x:g}"]["met"] is None else 100 * r["per_deadline"][f"{x:g}"]["met"],
                    "{:.2f}%") for x in c["deadlines"]),
              _server_met(r), str(r["statuses"].get("504", 0)), str(r["statuses"].get("503", 0)), fmt(r["p99_ms"]),
-             _exit_shares(r["exits"]), fmt(r["mean_flops"] / MF if r["mean_flops"] else None, "{:.2f}")]
+             exit_shares(r["exits"]), fmt(r["mean_flops"] / MF if r["mean_flops"] else None, "{:.2f}")]
             for r in c["rows"]]
     out += table(["load", "rate (req/s)", "requests", "**met**", *(f"met, {x:g} ms" for x in c["deadlines"]),
                   "met by the server's clock", "504", "503", "p99 (ms)", "exits of answered", "mean MFLOPs"], rows)
-    return out + ["", f"Target: ≥ {TARGET_DEADLINE_SHARE:.1%} met at 80% of capacity: {_yes(c.get('target_met'))}.",
+    return out + ["", f"Target: ≥ {TARGET_DEADLINE_SHARE:.1%} met at 80% of capacity: {yes(c.get('target_met'))}.",
                   "", f"![deadlines]({PNGS['deadlines']})", ""]
 
 
-
-
-# ---------------------------------------------------------------------------- goal figures
-def _get(d: dict, k):
-    """``d[k]`` whether the JSON round trip made the int key a string or not."""
-    return d[k] if k in d else d[str(k)]
-
-
-def best_of(a: dict, family: str, enc: str) -> tuple[str, float, dict] | None:
-    """(key, capacity, trial at capacity) of ``family``'s best configuration for ``enc``."""
-    found = capacity.best_per_family(a).get(family, {}).get(enc)
-    if found is None:
-        return None
-    key, cap = found
-    return key, cap, a["servers"][key]["encodings"][enc].get("at_capacity") or {}
-
-
-def default_of(a: dict, family: str, enc: str) -> tuple[str, float, dict] | None:
-    """The same for the configuration with the server's defaults (``<family>-default``)."""
-    key = f"{family}-default"
-    run = a["servers"].get(key, {}).get("encodings", {}).get(enc)
-    if run is None:
-        return best_of(a, family, enc)
-    return key, run["capacity_rps"], run.get("at_capacity") or {}
-
-
-def figures(res: dict) -> dict:
-    """Every goal's figure from the measurements (None where the part did not run)."""
-    f: dict = {}
-    a = res.get("a")
-    if a:
-        for enc in capacity.ENCODINGS:
-            m, last = default_of(a, "msdnet", enc), default_of(a, "msdnet-last", enc)
-            peers = {fam: best_of(a, fam, enc) for fam in ("litserve", "ray")}
-            row = {"msdnet": m, "last": last, "peers": peers}
-            if m:
-                row["ratios"] = {fam: (m[1] / p[1] if p and p[1] else None) for fam, p in peers.items()}
-                best_peer = max((p[1] for p in peers.values() if p), default=None)
-                row["last_vs_best_peer"] = last[1] / best_peer if last and best_peer else None
-                row["gain"] = m[1] / last[1] if last and last[1] else None
-                fm, fl = m[2].get("mean_flops"), (last[2].get("mean_flops") if last else None)
-                row["flops_ratio"] = fl / fm if fm and fl else None
-                row["server_cores"] = m[2].get("server_cores")
-                row["client_cores"] = m[2].get("client_cores")
-            f[enc] = row
-    return f
-
-
-def _ratio(v) -> str:
-    return fmt(v, "{:.2f}×")
-
-
-# ---------------------------------------------------------------------------- sections
-def goals_section(res: dict) -> list[str]:
-    """Issue 12's goals: one row each with the figure of this run and whether it is met."""
-    fig, rows = figures(res), []
-    if res.get("a"):
-        for enc in capacity.ENCODINGS:
-            r = fig.get(enc, {})
-            if not r.get("msdnet"):
-                continue
-            ratios = r["ratios"]
-            ok = all(v is not None and v >= TARGET_PEER_RATIO for v in ratios.values())
-            lit, ray = (fmt(r["peers"][k] and r["peers"][k][1], "{:g}") for k in ("litserve", "ray"))
-            rows.append([f"1. capacity at p99 ≤ {res['slo_ms']:g} ms ≥ {TARGET_PEER_RATIO}× LitServe's and Ray "
-                         f"Serve's ({capacity.ENCODING_LABELS[enc]})",
-                         f"{r['msdnet'][1]:g} req/s: {_ratio(ratios['litserve'])} LitServe's best ({lit}), "
-                         f"{_ratio(ratios['ray'])} Ray Serve's ({ray})", _yes(ok)])
-            lv = r.get("last_vs_best_peer")
-            rows.append([f"1. forced to the last exit ≥ the best peer ({capacity.ENCODING_LABELS[enc]})",
-                         f"{fmt(r['last'] and r['last'][1], '{:g}')} req/s = {_ratio(lv)} the best peer",
-                         _yes(lv is not None and lv >= 1)])
-    e = res.get("e")
-    if e and e.get("last_exit_top1") is not None:
-        d = 100 * (e["served_top1"] - e["last_exit_top1"])
-        rows.append([f"1. served accuracy within {TARGET_ACC_DROP_POINTS} points of the last exit's",
-                     f"{100 * e['served_top1']:.2f}% served vs {100 * e['last_exit_top1']:.2f}% at the last exit "
-                     f"({d:+.2f} points, {e['answered']:,} test images, section 7)",
-                     _yes(d >= -TARGET_ACC_DROP_POINTS)])
-    if res.get("a"):
-        for enc in capacity.ENCODINGS:
-            r = fig.get(enc, {})
-            if r.get("server_cores") is None:
-                continue
-            rows.append([f"2. server processes keep ≥ {TARGET_SERVER_CORES} cores busy at capacity "
-                         f"({capacity.ENCODING_LABELS[enc]})",
-                         f"server {r['server_cores']:.2f} + client {r['client_cores']:.2f} cores",
-                         _yes(r["server_cores"] >= TARGET_SERVER_CORES)])
-    if res.get("s"):
-        cells = "; ".join(f"{row['encoding']}: {row['cpu_ms_outside_network']:.2f} of {row['cpu_ms_per_request']:.2f} "
-                          "ms" for row in res["s"]["rows"])
-        rows.append(["2. CPU per request outside the network, from a profile", cells + " (section 2)", "reported"])
-    c = res.get("c")
-    if c:
-        r80 = next((r for r in c["rows"] if abs(r["load"] - 0.8) < 1e-9), None)
-        if r80:
-            rows.append([f"3. ≥ {TARGET_DEADLINE_SHARE:.1%} of 25/50/100 ms deadlines met at 80% of capacity",
-                         f"{pct(r80['met'])}% of {r80['requests']:,}",
-                         _yes(r80["met"] is not None and r80["met"] >= TARGET_DEADLINE_SHARE)])
-    fl = res.get("f")
-    if fl:
-        h, k = fl["healthz"].get("p99_ms"), fl["classify"].get("p99_ms")
-        expired = fl["statuses"].get("expired 504", 0)
-        sent = sum(v for kk, v in fl["statuses"].items() if kk.startswith("expired"))
-        rows.append([f"4. under the floods: `/healthz` p99 < {TARGET_STALL_HEALTHZ_MS:g} ms, a normal `/classify` "
-                     f"p99 < {TARGET_STALL_CLASSIFY_MS:g} ms, an expired request costs no decoding",
-                     f"{fmt(h)} ms; {fmt(k)} ms; {expired:,} of {sent:,} expired requests answered 504, "
-                     f"{fl['rejected_deadline']:.0f} counted as refused before decoding",
-                     _yes(h is not None and k is not None and h < TARGET_STALL_HEALTHZ_MS
-                          and k < TARGET_STALL_CLASSIFY_MS and expired == sent == fl["rejected_deadline"])])
-    d = res.get("d")
-    if d:
-        cells, ok = [], True
-        for t, by_b in d["results"].items():
-            r1 = _get(by_b, 1)["per-block ORT / whole ORT"]["wall"] if _has(by_b, 1) else None
-            r64 = _get(by_b, 64)["per-block ORT / whole ORT"]["wall"] if _has(by_b, 64) else None
-            cells.append(f"{t} thread(s): batch 64 {_ratio(r64)}, batch 1 {_ratio(r1)}")
-            ok &= r64 is not None and r64 >= TARGET_BLOCKS_B64 and r1 is not None and r1 >= TARGET_BLOCKS_B1
-        rows.append(["5. per-block engine's GMAC/s ≥ whole-network ONNX Runtime's at batch 64, within 1.5× at "
-                     "batch 1", "; ".join(cells), _yes(ok)])
-    if res.get("a"):
-        cells = [f"{capacity.ENCODING_LABELS[enc]}: {_ratio(fig[enc].get('gain'))} (FLOPs ratio "
-                 f"{_ratio(fig[enc].get('flops_ratio'))})"
-                 for enc in capacity.ENCODINGS if fig.get(enc, {}).get("msdnet")]
-        rows.append(["6. early-exit gain: capacity controller on / forced to the last exit, beside the FLOPs ratio",
-                     "; ".join(cells) + " (section 6)", "reported"])
-    b = res.get("b")
-    if b:
-        eb = b["max_abs_error_constant"]
-        rows.append([f"7. controller: mean FLOPs within ±{TARGET_FLOPS_ERROR:.0%} of the target in every "
-                     f"{b['window']:,}-request window", f"max \\|error\\| {pct(eb)}%",
-                     _yes(eb is not None and eb <= TARGET_FLOPS_ERROR)])
-    if e and e.get("fixed_top1") is not None:
-        rows.append([f"7. controller on steady traffic: served accuracy within {TARGET_POINTS} points of fixed "
-                     "thresholds at the same mean FLOPs",
-                     f"{e['difference_points']:+.3f} points ({100 * e['served_top1']:.2f}% vs "
-                     f"{100 * e['fixed_top1']:.2f}% at {e['served_mean_flops'] / MF:.3f} MFLOPs)",
-                     _yes(e.get("target_met"))])
-    return ["## Goals (issue 12)", "", *table(["goal", "this run", ""], rows), ""]
-
-
-def _has(d: dict, k) -> bool:
-    return k in d or str(k) in d
 
 
 def capacity_section(res: dict) -> list[str]:
@@ -430,10 +251,10 @@ def accuracy_section(res: dict) -> list[str]:
             f"msdnet-serve with its defaults (controller on, target {e['target_flops'] / MF:.3f} MFLOPs) answered "
             f"{e['answered']:,} test images, each once in a shuffled order, at {e['rate']:.0f} requests/s "
             f"({e['failed']} failed): **{100 * e['served_top1']:.2f}%** at {e['served_mean_flops'] / MF:.3f} "
-            f"MFLOPs per image; exits {_exit_shares(e['exits'])}. Fixed thresholds on the same images, interpolated "
+            f"MFLOPs per image; exits {exit_shares(e['exits'])}. Fixed thresholds on the same images, interpolated "
             f"at the same mean FLOPs along the checkpoint's budgeted-batch curve ({e['curve_points']} points, "
             f"thresholds fitted on the validation split): **{100 * e['fixed_top1']:.2f}%**. Difference "
-            f"**{e['difference_points']:+.3f} points** (bar: ≥ −{TARGET_POINTS}): {_yes(e.get('target_met'))}. "
+            f"**{e['difference_points']:+.3f} points** (bar: ≥ −{TARGET_POINTS}): {yes(e.get('target_met'))}. "
             f"For reference, the calibrated thresholds alone give {100 * cal['top1']:.2f}% at "
             f"{cal['mean_flops'] / MF:.3f} MFLOPs on these images, the last exit {100 * e['last_exit_top1']:.2f}%.",
             ""]

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from loadtest.common import table
+from loadtest.goals import figures, goals_section
 from loadtest.parts.accuracy import accuracy_at, fixed_curve
 from loadtest.parts.controller import window_errors
-from loadtest.report import figures, goals_section, table
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -51,7 +51,7 @@ e2e-full:  ## all 10,000 Fashion-MNIST test images over HTTP against a real serv
 	MSDNET_E2E_IMAGES=10000 $(PYTHON) -m pytest -q tests/test_e2e.py -s
 
 bench:  ## docs/BENCHMARKS.md and plots: issue 12's goals against LitServe and Ray Serve, in one run (about 30 min)
-	$(PYTHON) -m loadtest.bench --out docs
+	$(PYTHON) -m loadtest.bench --out docs --json docs/bench.json
 
 bench-smoke:
 	$(PYTHON) -m loadtest.bench --out /tmp/msdnet-bench-smoke --smoke

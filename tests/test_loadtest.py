@@ -5,6 +5,7 @@ checkpoint and generated Fashion-MNIST-shaped images. About a minute in all."""
 from __future__ import annotations
 
 import csv
+import gc
 import http.server
 import importlib.util
 import json
@@ -123,6 +124,38 @@ def test_latency_counts_from_the_scheduled_time():
     assert len(lat) == 20 and all(r.status == 200 and r.correct for r in result.records)
     assert lat[-1] > 0.8  # about 20 x 0.1 s of work, minus the 0.95 s of arrivals
     assert ol.summarise(result.records)["p50_ms"] > 300
+
+
+class _FreezeCountHandler(_SlowHandler):
+    """Answers at once, noting how many objects the garbage collector has frozen."""
+
+    seen: list[int] = []
+
+    def do_POST(self):
+        self.seen.append(gc.get_freeze_count())
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = b'{"exit": 1, "flops": 1, "class_id": 0}'
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_the_client_keeps_its_own_objects_out_of_collections_while_it_measures():
+    # A full collection over the benchmark process's objects paused the client for 80-100 ms, which
+    # open-loop timing charged to the server: they are frozen for the run and thawed after it.
+    keep = [{"i": i} for i in range(20_000)]  # objects the caller holds, as the benchmark's torch and samples
+    srv = _Server(("127.0.0.1", 0), _FreezeCountHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        before = gc.get_freeze_count()
+        ol.run(f"http://127.0.0.1:{srv.server_address[1]}", lambda i: ol.Request("/x", b"x", "image/png"), 50.0, 0.2,
+               arrivals="constant", timeout_s=10.0)
+    finally:
+        srv.shutdown()
+    assert len(_FreezeCountHandler.seen) == 10
+    assert all(n >= len(keep) for n in _FreezeCountHandler.seen)  # the caller's objects, frozen throughout
+    assert gc.get_freeze_count() == before == 0
 
 
 def test_bench_smoke_writes_the_report(tiny_checkpoint, data_dir, tmp_path):

@@ -39,6 +39,7 @@ import math
 import secrets
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -152,13 +153,14 @@ def run_stall(res: dict, checkpoint: str, samples, plan: Plan) -> None:
     res["f"] = f
 
 
-def run_stages(res: dict, checkpoint: str, samples, plan: Plan, out: Path) -> None:
+def run_stages(res: dict, checkpoint: str, samples, plan: Plan) -> None:
     """Part s: the stage split with the default workers, both encodings."""
     rows = []
+    raw = Path(tempfile.mkdtemp(prefix="msdnet-bench-pyspy-"))  # the raw profiles: large, not for docs/
     for enc in capacity.ENCODINGS:
-        log(f"part s: CPU by stage, {enc}, {plan.stages_rate:g} req/s")
+        log(f"part s: CPU by stage, {enc}, {plan.stages_rate:g} req/s (raw py-spy profile in {raw})")
         rows.append(stages.profile_once(checkpoint, default_workers(), plan.stages_rate, plan.stages_s, samples, enc,
-                                        plan.stages_spy_rate, out / f"bench_pyspy_{enc}.txt"))
+                                        plan.stages_spy_rate, raw / f"pyspy_{enc}.txt"))
     res["s"] = {"rows": rows, "rate": plan.stages_rate, "seconds": plan.stages_s, "spy_rate": plan.stages_spy_rate}
 
 
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         log("part a: capacity against the peers")
         run_capacity(res, checkpoint, samples, args.smoke, args.slo_ms, args.servers, last_flops)
     if "s" in parts:
-        run_stages(res, checkpoint, samples, plan, out)
+        run_stages(res, checkpoint, samples, plan)
     if parts & set("cbe"):
         run_on_default_server(res, parts, ck, checkpoint, test, logits, samples, deadlines_ms, plan)
     if "f" in parts:

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="Checkpoint to serve (default: the shipped model).")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    # Measured on 2 cores (docs/PEERS.md): 2 HTTP workers + the engine process served 2.0x (raw
+    # Measured on 2 cores (docs/BENCHMARKS.md): 2 HTTP workers + the engine process served 1.8x (raw
     # PNG) the requests/s of one process at p99 <= 100 ms; 3 workers did no better.
     workers: int = Field(default_factory=lambda: min(4, usable_cpus()), ge=1, le=64,
                          description="HTTP worker processes; default: usable CPUs, at most 4. 1: the whole "

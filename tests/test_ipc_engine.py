@@ -65,21 +65,28 @@ async def raw_call(address: str, *messages: list[bytes]) -> tuple[asyncio.Stream
     return reader, writer
 
 
+async def until(cond, timeout_s: float = 5.0) -> None:
+    """Wait (bounded) until ``cond()``: the engine got the requests the test sent."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "the engine did not get the requests"
+        await asyncio.sleep(0.01)
+
+
 def test_answers_come_back_to_the_request_that_asked(tmp_path):
     async def go():
         service, server, stop, serving, client = await started_engine(tmp_path)
         assert client.ready and client.classes == ["a", "b"] and client.exit_flops == [100, 300]
         assert client.transforms == service.transforms and client.target_flops == 200.0
         calls = [asyncio.ensure_future(client.classify([image(v)], None, time.monotonic())) for v in (0.1, 0.2, 0.3)]
-        while service.calls < 3:
-            await asyncio.sleep(0.01)
+        await until(lambda: service.calls == 3)
         assert not any(c.done() for c in calls)  # held in the service, nothing answered early
         service.release.set()
-        got = [(await c)[0] for c in calls]
+        got = [(await asyncio.wait_for(c, 5.0))[0] for c in calls]
         assert [f.confidence for f in got] == pytest.approx([0.1, 0.2, 0.3])
         assert all(f.exit == 1 and f.flops == 100 and f.probs.tolist() == [0.25, 0.75] for f in got)
         stop.set()
-        await serving
+        await asyncio.wait_for(serving, 5.0)
         await client.close()
 
     asyncio.run(go())
@@ -95,7 +102,7 @@ def test_a_bad_message_is_answered_or_cut_off_and_touches_no_other_request(tmp_p
         bad[0] = wire.PREFIX.pack(len(bad[1]), 60)
         bad[2] = bad[2][:60]
         reader, writer = await raw_call(address, bad, wire.pack({"op": "hello", "id": 42}))
-        first, second = [wire.unpack(await wire.read(reader))[0] for _ in range(2)]
+        first, second = [wire.unpack(await asyncio.wait_for(wire.read(reader), 5.0))[0] for _ in range(2)]
         assert first["id"] == 41 and first["error"]["type"] == "ServiceError"
         assert "could not read the request" in first["error"]["message"]
         assert second["id"] == 42 and second["classes"] == ["a", "b"]
@@ -103,10 +110,10 @@ def test_a_bad_message_is_answered_or_cut_off_and_touches_no_other_request(tmp_p
         writer.write(wire.PREFIX.pack(wire.MAX_HEADER_BYTES + 1, 0))
         assert await asyncio.wait_for(reader.read(), 5.0) == b""  # closed by the engine
         writer.close()
-        [f] = await client.classify([image(0.5)], None, time.monotonic())
+        [f] = await asyncio.wait_for(client.classify([image(0.5)], None, time.monotonic()), 5.0)
         assert f.confidence == pytest.approx(0.5)
         stop.set()
-        await serving
+        await asyncio.wait_for(serving, 5.0)
         await client.close()
 
     asyncio.run(go())
@@ -116,8 +123,7 @@ def test_a_lost_engine_fails_waiting_requests_at_once_with_503(tmp_path):
     async def go():
         service, server, stop, serving, client = await started_engine(tmp_path)
         waiting = asyncio.ensure_future(client.classify([image(0.5)], None, time.monotonic()))
-        while service.calls < 1:
-            await asyncio.sleep(0.01)
+        await until(lambda: service.calls == 1)
         for w in list(server._writers):
             w.close()  # the engine's side of the connection goes away, as when the process dies
         with pytest.raises(errors.NotReady) as got:
@@ -127,7 +133,7 @@ def test_a_lost_engine_fails_waiting_requests_at_once_with_503(tmp_path):
             await client.classify([image(0.5)], None, time.monotonic())
         service.release.set()
         stop.set()
-        await serving
+        await asyncio.wait_for(serving, 5.0)
         await client.close()
 
     asyncio.run(go())
@@ -137,8 +143,7 @@ def test_a_stopping_engine_answers_what_it_holds_then_reads_nothing_new(tmp_path
     async def go():
         service, server, stop, serving, client = await started_engine(tmp_path)
         held = asyncio.ensure_future(client.classify([image(0.25)], None, time.monotonic()))
-        while service.calls < 1:
-            await asyncio.sleep(0.01)
+        await until(lambda: service.calls == 1)
         stop.set()
         await asyncio.sleep(0.05)
         assert not serving.done()  # draining: the held request is still owed an answer

@@ -287,4 +287,13 @@ MUTANTS = [
     Mutant("keeper-not-observing", "server/budget/keeper.py", "            self.controller.observe(flops)\n",
            "            pass\n", (B + "test_put_budget_restarts_the_deficit",),
            "answered /classify requests never reach the controller"),
+    Mutant("ipc-lost-engine-hangs", "server/ipc/client.py",
+           'self._fail_pending("lost the connection to the engine process")', "pass",
+           ("tests/test_ipc_engine.py",), "a worker whose engine connection is lost leaves its requests waiting"),
+    Mutant("ipc-bad-array-unanswered", "server/ipc/engine.py",
+           "if rid is not None and not writer.is_closing():", "if False:",
+           ("tests/test_ipc_engine.py",), "a request whose array is malformed is never answered"),
+    Mutant("client-gc-not-frozen", "loadtest/openloop.py", "    gc.collect()\n    gc.freeze()\n", "",
+           ("tests/test_loadtest.py::test_the_client_keeps_its_own_objects_out_of_collections_while_it_measures",),
+           "the load client's own garbage collection pauses again count as server latency"),
 ]

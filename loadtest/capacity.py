@@ -462,7 +462,8 @@ def report(res: dict) -> str:
                 ratios.append(f"{ENCODING_LABELS[enc]}: controller on / {name} = **{m / p:.2f}×**, forced last "
                               f"exit / {name} = {ml / p:.2f}×")
     if ratios:
-        w("Ratios (goal of issue 12: controller on ≥ 2.5× each peer; forced last exit ≥ 1× the best peer): "
+        w("Ratios of the best configurations (issue 12 judges msdnet-serve by its defaults, in the goals table; "
+          "goal: controller on ≥ 2.5× each peer; forced last exit ≥ 1× the best peer): "
           + "; ".join(ratios) + ".")
         w("")
     w("### Every configuration")

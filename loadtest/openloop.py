@@ -189,6 +189,7 @@ async def run_async(url: str, make_request: Callable[[int], Request], rate: floa
     # timing then charged to the server (a 5-s trial at 600 req/s failed its p99 on that alone).
     # Frozen, they are out of the collector's sight: collections during the run walk only what the
     # run allocates.
+    thaw = gc.get_freeze_count() == 0  # a caller that froze objects itself keeps them frozen
     gc.collect()
     gc.freeze()
     http = CLIENTS[client](max_connections, timeout_s)
@@ -227,7 +228,8 @@ async def run_async(url: str, make_request: Callable[[int], Request], rate: floa
         for t in tasks:
             t.cancel()
         await http.close()
-        gc.unfreeze()
+        if thaw:
+            gc.unfreeze()
     elapsed = loop.time() - t0
     return RunResult([r for r in records if r is not None], rate, arrivals, duration_s, warmup_s,
                      started_unix, elapsed, {"url": url, "client": client, "seed": seed})

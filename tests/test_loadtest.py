@@ -144,18 +144,24 @@ class _FreezeCountHandler(_SlowHandler):
 def test_the_client_keeps_its_own_objects_out_of_collections_while_it_measures():
     # A full collection over the benchmark process's objects paused the client for 80-100 ms, which
     # open-loop timing charged to the server: they are frozen for the run and thawed after it.
+    gc.unfreeze()  # whatever earlier tests in this process froze (an app's start-up does)
     keep = [{"i": i} for i in range(20_000)]  # objects the caller holds, as the benchmark's torch and samples
     srv = _Server(("127.0.0.1", 0), _FreezeCountHandler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
     try:
-        before = gc.get_freeze_count()
-        ol.run(f"http://127.0.0.1:{srv.server_address[1]}", lambda i: ol.Request("/x", b"x", "image/png"), 50.0, 0.2,
-               arrivals="constant", timeout_s=10.0)
+        ol.run(url, lambda i: ol.Request("/x", b"x", "image/png"), 50.0, 0.2, arrivals="constant", timeout_s=10.0)
+        assert len(_FreezeCountHandler.seen) == 10
+        assert all(n >= len(keep) for n in _FreezeCountHandler.seen)  # the caller's objects, frozen throughout
+        assert gc.get_freeze_count() == 0  # thawed after the run
+        # A caller that froze its own objects (as msdnet-serve's start-up does) keeps them frozen.
+        gc.freeze()
+        frozen = gc.get_freeze_count()
+        ol.run(url, lambda i: ol.Request("/x", b"x", "image/png"), 50.0, 0.1, arrivals="constant", timeout_s=10.0)
+        assert frozen > len(keep) and gc.get_freeze_count() > len(keep)  # not thawed (0 if it were)
     finally:
         srv.shutdown()
-    assert len(_FreezeCountHandler.seen) == 10
-    assert all(n >= len(keep) for n in _FreezeCountHandler.seen)  # the caller's objects, frozen throughout
-    assert gc.get_freeze_count() == before == 0
+        gc.unfreeze()
 
 
 def test_bench_smoke_writes_the_report(tiny_checkpoint, data_dir, tmp_path):

@@ -72,8 +72,8 @@ def offline_section(res: dict) -> list[str]:
                  f"{cal['target_flops'] / MF:.2f})", f"{100 * cal['top1']:.2f}%"])
     classes = off["per_class"]
     return ["## The model (offline, test split)", "",
-            f"Test top-1 on {off['n']:,} images, computed in-process from the checkpoint (reference for the served "
-            "numbers below):", "",
+            f"Test top-1 on {off['n']:,} images, computed in-process from the checkpoint (the reference for the "
+            "served numbers above):", "",
             *table(["exit", "cumulative MFLOPs (lazy)", "top-1"], rows), "",
             f"Calibration rule: {cal['rule']}. Per-class exit-1 accuracy picks the traffic of section 7: easy = "
             f"{', '.join(res['easy_names'])}; hard = {', '.join(res['hard_names'])}.", "",

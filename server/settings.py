@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     controller_bias_halflife: float = Field(50.0, gt=0, description="Requests to forget half the bias estimate.")
     budget_token: SecretStr | None = Field(None, description="Bearer token for PUT /budget; unset: refused.")
     drain_timeout_s: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
+    engine_timeout_s: float = Field(30.0, gt=0, description="With --workers N: how long a worker waits for the "
+                                    "engine's answer to a request without deadline_ms before answering 503 "
+                                    "(a request with deadline_ms waits its deadline plus 1 s, then 504).")
     warmup_rounds: int = Field(5, ge=1, description="Warm-up steps per block and batch size at start.")
     log_level: str = "info"
     access_log: bool = True

@@ -2,7 +2,8 @@
 server/ipc/client.py) over a real Unix socket, with a stand-in service whose
 ``classify`` the test holds and releases: bad messages are answered or cut off
 without touching other requests, a lost engine fails waiting requests at once
-(503), and a stopping engine answers what it holds first."""
+(503), a hung one (alive, silent) turns the worker not ready and bounds every
+request, and a stopping engine answers what it holds first."""
 
 from __future__ import annotations
 
@@ -129,7 +130,8 @@ def test_a_lost_engine_fails_waiting_requests_at_once_with_503(tmp_path):
         with pytest.raises(errors.NotReady) as got:
             await asyncio.wait_for(waiting, 5.0)
         assert got.value.status == 503 and not client.ready
-        with pytest.raises(errors.NotReady, match="no connection"):  # later requests: refused, not queued
+        assert client.not_ready_reason == "lost the connection to the engine process"
+        with pytest.raises(errors.NotReady, match="lost the connection"):  # later requests: refused, not queued
             await client.classify([image(0.5)], None, time.monotonic())
         service.release.set()
         stop.set()
@@ -155,5 +157,44 @@ def test_a_stopping_engine_answers_what_it_holds_then_reads_nothing_new(tmp_path
             await asyncio.wait_for(client.classify([image(0.5)], None, time.monotonic()), 5.0)
         assert service.calls == 1
         await client.close()
+
+    asyncio.run(go())
+
+
+def test_a_hung_engine_turns_the_worker_not_ready_and_bounds_its_requests(tmp_path, monkeypatch):
+    monkeypatch.setattr(EngineClient, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(EngineClient, "STALL_S", 0.2)
+    monkeypatch.setattr(EngineClient, "DEADLINE_GRACE_S", 0.1)
+
+    async def go():
+        service = HeldService()
+        path = str(tmp_path / "hung.sock")
+        writers = []
+
+        async def engine(reader, writer):  # answers the first hello, then is silent (a stopped process)
+            writers.append(writer)
+            header, _ = wire.unpack(await wire.read(reader))
+            writer.writelines(wire.pack({"id": header["id"], **EngineServer(service, path).hello()}))
+            while True:
+                await wire.read(reader)
+
+        server = await asyncio.start_unix_server(engine, path=path)
+        client = EngineClient(path, Settings(checkpoint="unused.pt", engine_timeout_s=0.3))
+        await client.connect(timeout_s=5.0)
+        assert client.ready
+        t0 = time.monotonic()
+        with pytest.raises(errors.DeadlineExceeded, match="did not answer within the deadline of 50 ms"):
+            await asyncio.wait_for(client.classify([image(0.5)], 50.0, time.monotonic()), 5.0)
+        assert 0.14 <= time.monotonic() - t0 < 2.0  # deadline 50 ms + grace 0.1 s, not forever
+        with pytest.raises(errors.NotReady, match="did not answer within 0.3 s") as got:
+            await asyncio.wait_for(client.classify([image(0.5)], None, time.monotonic()), 5.0)
+        assert got.value.status == 503
+        await until(lambda: not client.ready)
+        assert client.not_ready_reason.startswith("the engine process has not answered for")
+        # It answers again: ready again.
+        writers[0].writelines(wire.pack({"id": -1}))
+        await until(lambda: client.ready)
+        await client.close()
+        server.close()
 
     asyncio.run(go())

@@ -15,11 +15,13 @@ import functools
 import gc
 import json
 import logging
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors
@@ -120,6 +122,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stop = functools.partial(asyncio.to_thread, service.stop, settings.drain_timeout_s)
         TimedHTTPProtocol.on_reject = functools.partial(_count_slow_client, service)
         app.state.service = service
+        # One decode through the request path's thread pool: its first use starts a thread and
+        # loads Pillow's plugins (a first request with deadline_ms=20 on a fresh worker got 504).
+        sample = Path(__file__).resolve().parent.parent / "samples" / "shirt.png"
+        with contextlib.suppress(OSError, errors.ServiceError):
+            await run_in_threadpool(decoding.decode, service, sample.read_bytes())
         gc.collect()  # what start-up loaded lives for good: keep full GC passes short (the engine does the same)
         gc.freeze()
         log.info("serving %s: %d exits (%s)", settings.checkpoint, service.num_exits,

@@ -31,7 +31,7 @@ def ready_service(request: Request) -> Service:
     """
     service = getattr(request.app.state, "service", None)
     if service is None or not service.ready:
-        raise errors.NotReady("model is loading or warming up")
+        raise errors.NotReady(getattr(service, "not_ready_reason", None) or "model is loading or warming up")
     return service
 
 

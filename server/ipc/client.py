@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 
 import numpy as np
 
@@ -38,7 +39,18 @@ class EngineClient:
         settings: this worker's settings (the same environment as the engine's).
 
     Use from one event loop: :meth:`connect` first, :meth:`close` last.
+
+    A hung engine (alive, not answering) must not hang the worker's requests or
+    keep it "ready": when nothing has come back for :attr:`HEARTBEAT_S` seconds the
+    client sends a ``hello``; unanswered after :attr:`STALL_S` seconds, the worker
+    turns not ready (``/readyz`` 503, so a load balancer routes elsewhere) until
+    any answer arrives again. Each request also waits a bounded time
+    (``deadline_ms`` + :attr:`DEADLINE_GRACE_S`, else ``settings.engine_timeout_s``).
     """
+
+    HEARTBEAT_S = 1.0
+    STALL_S = 3.0
+    DEADLINE_GRACE_S = 1.0
 
     def __init__(self, address: str, settings: Settings):
         self.address = address
@@ -52,7 +64,11 @@ class EngineClient:
         self._pending: dict[int, asyncio.Future] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._receiver: asyncio.Task | None = None
+        self._heartbeat_task: asyncio.Task | None = None
         self._ready = False
+        self._last_reply = time.monotonic()
+        self._stalled_since: float | None = None
+        self._lost: str | None = None
 
     @property
     def num_exits(self) -> int:
@@ -60,8 +76,18 @@ class EngineClient:
 
     @property
     def ready(self) -> bool:
-        """Connected and the engine answered (it answers only once warm)."""
-        return self._ready
+        """Connected, the engine answered (it answers only once warm) and it still answers."""
+        return self._ready and self._stalled_since is None
+
+    @property
+    def not_ready_reason(self) -> str:
+        """Why :attr:`ready` is False, for the 503's message."""
+        if self._lost:
+            return self._lost
+        if self._stalled_since is not None:
+            silent = time.monotonic() - self._stalled_since + self.STALL_S
+            return f"the engine process has not answered for {silent:.0f} s"
+        return "model is loading or warming up"
 
     async def connect(self, timeout_s: float) -> None:
         """Connect and fetch the model's metadata.
@@ -78,17 +104,32 @@ class EngineClient:
         self.target_flops = float(meta["target_flops"])
         self.metrics = Metrics(self.num_exits, self.exit_flops)
         self._ready = bool(meta["ready"])
+        self._heartbeat_task = asyncio.ensure_future(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        while self._lost is None:
+            await asyncio.sleep(self.HEARTBEAT_S)
+            if time.monotonic() - self._last_reply < self.HEARTBEAT_S:
+                continue  # answers are flowing: the engine is alive
+            try:
+                await self._call({"op": "hello"}, timeout_s=self.STALL_S)
+            except errors.NotReady:
+                if self._lost is None and self._stalled_since is None:
+                    self._stalled_since = time.monotonic()
+                    log.error("the engine process has not answered for %.0f s: not ready", self.STALL_S)
 
     async def close(self) -> None:
         """Stop receiving; requests still waiting get 503."""
-        if self._receiver is not None:
-            self._receiver.cancel()
+        for task in (self._receiver, self._heartbeat_task):
+            if task is not None:
+                task.cancel()
         self._fail_pending("the engine process stopped")
         if self._writer is not None:
             self._writer.close()
 
     def _fail_pending(self, why: str) -> None:
         self._ready = False
+        self._lost = why
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(errors.NotReady(why))
@@ -98,6 +139,10 @@ class EngineClient:
         try:
             while True:
                 header, array = wire.unpack(await wire.read(reader))
+                self._last_reply = time.monotonic()
+                if self._stalled_since is not None:
+                    log.warning("the engine process answers again: ready")
+                    self._stalled_since = None
                 fut = self._pending.pop(header.get("id"), None)
                 if fut is not None and not fut.done():
                     fut.set_result((header, array))
@@ -107,21 +152,29 @@ class EngineClient:
             log.error("lost the engine connection: %s", exc)
             self._fail_pending("lost the connection to the engine process")
 
-    async def _call(self, header: dict, array: np.ndarray | None = None) -> tuple[dict, np.ndarray | None]:
-        """Send one request and wait for its reply.
+    async def _call(self, header: dict, array: np.ndarray | None = None, timeout_s: float | None = None,
+                    on_timeout: errors.ServiceError | None = None) -> tuple[dict, np.ndarray | None]:
+        """Send one request and wait for its reply, at most ``timeout_s`` seconds
+        (default ``settings.engine_timeout_s``).
 
         Raises:
-            errors.ServiceError: the one the engine answered with.
+            errors.ServiceError: the one the engine answered with; ``on_timeout``
+                (default :class:`errors.NotReady`, 503) when no answer came in time.
         """
         if self._writer is None or self._writer.is_closing() or (self._receiver and self._receiver.done()):
-            raise errors.NotReady("no connection to the engine process")
+            raise errors.NotReady(self._lost or "no connection to the engine process")
+        timeout_s = self.settings.engine_timeout_s if timeout_s is None else timeout_s
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
             # No drain(): the engine's queue bound (503) limits what is in flight.
             self._writer.writelines(wire.pack({**header, "id": rid}, array))
-            reply, out = await fut
+            try:
+                reply, out = await asyncio.wait_for(fut, max(timeout_s, 0.0))
+            except TimeoutError:
+                raise on_timeout or errors.NotReady(
+                    f"the engine process did not answer within {timeout_s:.1f} s") from None
         finally:
             self._pending.pop(rid, None)
         if "error" in reply:
@@ -136,8 +189,13 @@ class EngineClient:
     async def classify(self, images: list[np.ndarray], deadline_ms: float | None, started: float) -> list[Finished]:
         """As :meth:`server.service.Service.classify`, run by the engine process
         (``started`` is ``time.monotonic()``: one clock for all processes on a host)."""
+        timeout_s, late = None, None
+        if deadline_ms is not None:  # the engine answers well within it; a hung one must not hold the request
+            timeout_s = started + deadline_ms / 1e3 + self.DEADLINE_GRACE_S - time.monotonic()
+            late = errors.DeadlineExceeded(f"the engine process did not answer within the deadline of "
+                                           f"{deadline_ms:g} ms", deadline_ms=deadline_ms)
         reply, probs = await self._call({"op": "classify", "deadline_ms": deadline_ms, "started": started},
-                                        np.stack(images))
+                                        np.stack(images), timeout_s, late)
         return wire.finished_from_wire(reply["results"], probs)
 
     async def batch(self, items: list[np.ndarray | errors.ServiceError], flops_budget: float | None,

@@ -296,4 +296,10 @@ MUTANTS = [
     Mutant("client-gc-not-frozen", "loadtest/openloop.py", "    gc.collect()\n    gc.freeze()\n", "    gc.collect()\n",
            ("tests/test_loadtest.py::test_the_client_keeps_its_own_objects_out_of_collections_while_it_measures",),
            "the load client's own garbage collection pauses again count as server latency"),
+    Mutant("ipc-hung-engine-stays-ready", "server/ipc/client.py",
+           "return self._ready and self._stalled_since is None", "return self._ready",
+           ("tests/test_ipc_engine.py",), "a worker whose engine stopped answering stays ready"),
+    Mutant("ipc-unbounded-wait", "server/ipc/client.py",
+           "reply, out = await asyncio.wait_for(fut, max(timeout_s, 0.0))", "reply, out = await fut",
+           ("tests/test_ipc_engine.py",), "a request waits forever for a hung engine"),
 ]

@@ -154,7 +154,8 @@ class Service:
 
     # ---- engine callbacks (model thread) ----------------------------------------
     def _on_step(self, block: int, n: int, seconds: float, depths: list[int]) -> None:
-        self.metrics.batch_size.labels(block=str(block + 1)).observe(n)
+        if n:  # 0: images left the queue without a step; only the depths changed
+            self.metrics.batch_size.labels(block=str(block + 1)).observe(n)
         for b, d in enumerate(depths, start=1):
             self.metrics.queue_depth.labels(block=str(b)).set(d)
 

@@ -272,6 +272,9 @@ def test_deadline_met_is_false_when_the_answer_comes_late(ckpt_path, lazy_flops)
         m = families(c.get("/metrics").text)
         assert sample(m, "msdnet_deadline_requests_total") == 1
         assert sample(m, "msdnet_deadline_misses_total") == 1
+        # It left block 2's queue without a step: the gauge says so (it used to stay at 1).
+        assert [sample(m, "msdnet_queue_depth", block=str(b)) for b in (1, 2, 3)] == [0, 0, 0]
+        assert ("msdnet_batch_size_count", (("block", "2"),)) not in m  # no step of block 2 was observed
         ok = c.post("/classify", json={"image": base64.b64encode(png(1)).decode(), "deadline_ms": 60_000})
         assert ok.json()["deadline_met"] is True
 

@@ -51,7 +51,8 @@ class Runner:
         torch_threads: intra-op threads of the model thread (and of ONNX Runtime's sessions).
         backend: what runs a block step, ``torch`` (eager) or ``onnxruntime`` (``server.engine.backends``;
             exported and checked for parity here, so a mismatch stops the server from starting).
-        on_step: called after each step with (block 0-based, batch size, seconds, queue depths).
+        on_step: called after each step with (block 0-based, batch size, seconds, queue depths),
+            and with batch size 0 when images leave a queue without a step (deadline, budget).
         trim_interval_s: when the queues run empty, at most this often (seconds; 0 = never)
             hand the C heap's free pages back to the system (:func:`release_free_heap`).
 
@@ -170,6 +171,10 @@ class Runner:
             self._step(*step)
 
     def _step(self, block: int, batch: list[Task], finished: list[tuple[Task, Outcome]]) -> None:
+        if not batch and finished and self.on_step is not None:  # they left without a step: depths changed
+            with self._cv:  # (before their answers go out, so the answers never precede the gauges)
+                depths = [self.scheduler.depth(b) for b in range(self.num_exits)]
+            self.on_step(block, 0, 0.0, depths)
         self._finish_all(finished)
         if batch:
             try:

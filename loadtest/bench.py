@@ -36,6 +36,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import os
 import secrets
 import shlex
 import sys
@@ -116,7 +117,7 @@ def run_capacity(res: dict, checkpoint: str, samples, smoke: bool, slo_ms: float
          "command": res["command"], "started": res["started"], "machine": {"cpus": res["machine"]["cpus"]},
          "loadavg_at_start": res["machine"]["loadavg_at_start"]}
     a["servers"], a["failures"] = capacity.measure_configs(configs, samples, plan, slo_ms, expected)
-    a["loadavg_at_end"] = list(__import__("os").getloadavg())
+    a["loadavg_at_end"] = list(os.getloadavg())
     res["a"] = a
 
 

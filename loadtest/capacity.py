@@ -2,8 +2,9 @@
 
 For each server configuration (LitServe and Ray Serve running the checkpoint's
 whole network, ``loadtest/peers/``; msdnet-serve with its budget controller on,
-and forced to the last exit) and each request encoding (raw ``image/png`` body;
-JSON ``{"image": base64}``), it finds the *capacity*: the highest Poisson arrival
+and forced to the last exit) and each request encoding (raw image body, encoding
+key ``png``: ``image/png`` or ``image/jpeg``, as the sample file is; JSON
+``{"image": base64}``), it finds the *capacity*: the highest Poisson arrival
 rate whose p99 latency (open loop, from the scheduled send time,
 ``loadtest/openloop.py``) is <= ``--slo-ms`` with no failed request. Search:
 start at ``start`` requests/s, double until a rate fails, then bisect
@@ -13,8 +14,15 @@ at most ``max_trials`` trials or ``max_search_s`` per search.
 Per trial it records the CPU seconds of the server's whole process tree (psutil:
 API processes, workers, Ray's daemons) and of this client process, per request
 and as cores busy, and the served accuracy (the sample images' labels are
-known). Writes ``DIR/capacity.json``, ``DIR/CAPACITY.md`` (tables) and
-``DIR/capacity.png`` (capacity per server and configuration).
+known), and the peak resident set size of the server's process tree (sum of
+RSS, sampled every 0.25 s). Writes ``DIR/capacity.json``, ``DIR/CAPACITY.md``
+(tables) and ``DIR/capacity.png`` (capacity per server and configuration).
+
+Images and SLO follow ``--checkpoint`` (``loadtest.samples.samples_for``): the
+shipped 28 x 28 model gets Fashion-MNIST test images, any other checkpoint the
+files of ``--data-dir`` or generated images at its input contract (speed-only);
+the SLO is p99 <= 100 ms for 28 x 28 and CIFAR-size networks, <= 500 ms for
+ImageNet-size ones (:func:`default_slo_ms`; ``--slo-ms`` overrides).
 
 Forced last exit, as ``loadtest.bench`` does it: ``MSDNET_TARGET_FLOPS`` = the
 last exit's cost, so the controller's command is clipped to thresholds that never
@@ -44,6 +52,7 @@ import os
 import resource
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -52,7 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from . import openloop as ol
-from .samples import Sample, load_samples
+from .samples import Sample, load_samples, samples_for  # noqa: F401 - load_samples: the tests' name
 from .servers import ServerProcess
 
 ENCODINGS = ("png", "json")
@@ -110,6 +119,17 @@ class TreeServer(ServerProcess):
                 total += t.user + t.system
         return total
 
+    def rss_bytes(self) -> int:
+        """Sum of the resident set sizes of every live process in the tree (shared
+        pages count once per process, so an upper bound of the memory used)."""
+        import psutil
+
+        total = 0
+        for p in self._tree():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += p.memory_info().rss
+        return total
+
     def stop(self) -> int | None:
         import psutil
 
@@ -145,28 +165,47 @@ def _py(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
-def litserve(checkpoint: str, api_servers: int, workers: int, threads: int) -> ServerConfig:
+def litserve(checkpoint: str, api_servers: int, workers: int, threads: int, runtime: str = "torch") -> ServerConfig:
+    """LitServe with the whole network; ``runtime`` ``onnxruntime``: family ``litserve-ort``."""
     cmd = _py("loadtest.peers.litserve_app", "--checkpoint", checkpoint, "--api-servers", str(api_servers),
-              "--workers", str(workers), "--threads", str(threads))
-    return ServerConfig(f"litserve-a{api_servers}-w{workers}-t{threads}", "litserve", "LitServe, whole network",
-                        f"{api_servers} API process(es), {workers} inference worker(s), torch {threads} thread(s)",
-                        lambda: TreeServer(cmd, ready_path="/health", name="litserve"), "litserve")
+              "--workers", str(workers), "--threads", str(threads), "--runtime", runtime)
+    ort = runtime == "onnxruntime"
+    return ServerConfig(f"litserve{'-ort' if ort else ''}-a{api_servers}-w{workers}-t{threads}",
+                        "litserve-ort" if ort else "litserve",
+                        "LitServe, whole network" + (" in ONNX Runtime" if ort else ""),
+                        f"{api_servers} API process(es), {workers} inference worker(s), "
+                        f"{'ORT' if ort else 'torch'} {threads} thread(s)",
+                        lambda: TreeServer(cmd, ready_path="/health", name="litserve", ready_timeout_s=600),
+                        "litserve")
 
 
-def ray(checkpoint: str, replicas: int, threads: int) -> ServerConfig:
+def ray(checkpoint: str, replicas: int, threads: int, runtime: str = "torch") -> ServerConfig:
+    """Ray Serve with the whole network; ``runtime`` ``onnxruntime``: family ``ray-ort``."""
     cmd = _py("loadtest.peers.ray_app", "--checkpoint", checkpoint, "--replicas", str(replicas),
-              "--threads", str(threads))
-    return ServerConfig(f"ray-r{replicas}-t{threads}", "ray", "Ray Serve, whole network",
-                        f"{replicas} replica(s), torch {threads} thread(s)",
-                        lambda: TreeServer(cmd, {"RAY_USAGE_STATS_ENABLED": "0"}, ready_path="/readyz", name="ray"),
+              "--threads", str(threads), "--runtime", runtime)
+    ort = runtime == "onnxruntime"
+    return ServerConfig(f"ray{'-ort' if ort else ''}-r{replicas}-t{threads}", "ray-ort" if ort else "ray",
+                        "Ray Serve, whole network" + (" in ONNX Runtime" if ort else ""),
+                        f"{replicas} replica(s), {'ORT' if ort else 'torch'} {threads} thread(s)",
+                        lambda: TreeServer(cmd, {"RAY_USAGE_STATS_ENABLED": "0"}, ready_path="/readyz", name="ray",
+                                           ready_timeout_s=600),
                         "ray.serve")
 
 
+# Settings a configuration leaves at the server's default unless it sets them (not inherited).
+_DEFAULTED = ("MSDNET_TORCH_THREADS", "MSDNET_WORKERS", "MSDNET_TARGET_FLOPS", "MSDNET_BACKEND", "MSDNET_MODEL_THREADS")
+
+
 def msdnet(checkpoint: str, threads: int | None, last_exit_flops: int | None = None,
-           backend: str | None = None, workers: int | None = None) -> ServerConfig:
+           backend: str | None = None, workers: int | None = None, *, target_flops: float | None = None,
+           env: dict[str, str] | None = None, tag: str | None = None) -> ServerConfig:
     """msdnet-serve; ``threads`` None: its default threads; with ``last_exit_flops``:
     forced to the last exit (``MSDNET_TARGET_FLOPS``); ``backend``: ``MSDNET_BACKEND``,
-    ``workers``: ``MSDNET_WORKERS`` (None: the server's defaults)."""
+    ``workers``: ``MSDNET_WORKERS`` (None: the server's defaults); ``target_flops``:
+    the controller's target (``MSDNET_TARGET_FLOPS``, FLOPs per request); ``env``:
+    any other ``MSDNET_*`` settings (listed in the configuration's label); ``tag``:
+    the key's suffix (default: made from the settings)."""
+    extra = dict(env or {})
     env = {"MSDNET_ACCESS_LOG": "false", "MSDNET_LOG_LEVEL": "warning"}
     if workers is not None:
         env["MSDNET_WORKERS"] = str(workers)
@@ -175,6 +214,9 @@ def msdnet(checkpoint: str, threads: int | None, last_exit_flops: int | None = N
     if threads is not None:
         env["MSDNET_TORCH_THREADS"] = str(threads)
     family, label = "msdnet", "msdnet-serve, controller on"
+    if target_flops is not None:
+        env["MSDNET_TARGET_FLOPS"] = str(int(target_flops))
+        label += f" (target {target_flops / 1e6:.1f} MFLOPs)"
     if last_exit_flops is not None:
         env["MSDNET_TARGET_FLOPS"] = str(last_exit_flops)
         family, label = "msdnet-last", "msdnet-serve, forced to the last exit"
@@ -183,14 +225,19 @@ def msdnet(checkpoint: str, threads: int | None, last_exit_flops: int | None = N
         config += f", backend {backend}"
     if workers is not None:
         config += f", {workers} HTTP worker(s)" + (" + engine process" if workers > 1 else "")
+    for k, v in extra.items():
+        config += f", {k}={v}"
+    env.update(extra)
 
     def make() -> TreeServer:
-        base = {k: v for k, v in os.environ.items() if k not in ("MSDNET_TORCH_THREADS", "MSDNET_WORKERS")}
-        srv = TreeServer(_py("server.cli", "serve", "--checkpoint", checkpoint), name=family)
+        base = {k: v for k, v in os.environ.items() if k not in _DEFAULTED}
+        srv = TreeServer(_py("server.cli", "serve", "--checkpoint", checkpoint), name=family, ready_timeout_s=600)
         srv.env = {**base, **env}
         return srv
 
     suffix = ("" if backend is None else f"-{backend}") + ("" if workers is None else f"-w{workers}")
+    if tag is not None:
+        suffix += f"-{tag}"
     return ServerConfig(f"{family}-{'default' if threads is None else f't{threads}'}{suffix}", family, label,
                         config + ", access log off", make)
 
@@ -241,9 +288,9 @@ def make_requests(samples: list[Sample], encoding: str) -> Callable[[int], ol.Re
                                 samples[i % len(samples)].label)
 
 
-def reference_classes(checkpoint: str, samples: list[Sample]) -> np.ndarray:
+def reference_classes(checkpoint: str, samples: list[Sample], chunk: int = 32) -> np.ndarray:
     """(N, exits) int: the class the model gives in-process for each sample at each
-    exit, after msdnet-serve's own decoding (torch eager, batch of all samples)."""
+    exit, after msdnet-serve's own decoding (torch eager, batches of ``chunk``)."""
     import torch
 
     from model.checkpoint import load
@@ -251,10 +298,23 @@ def reference_classes(checkpoint: str, samples: list[Sample]) -> np.ndarray:
 
     ck = load(checkpoint)
     spec = ck.transforms
-    x = torch.from_numpy(np.stack([decode(s.png, spec, 4096 * 4096) for s in samples]))
-    with torch.inference_mode():
-        logits = ck.model.eval()(x)
-    return torch.stack([lg.argmax(1) for lg in logits], 1).numpy()
+    out = []
+    for i in range(0, len(samples), chunk):
+        x = torch.from_numpy(np.stack([decode(s.png, spec, 4096 * 4096) for s in samples[i:i + chunk]]))
+        with torch.inference_mode():
+            logits = ck.model.eval()(x)
+        out.append(torch.stack([lg.argmax(1) for lg in logits], 1).numpy())
+    return np.concatenate(out)
+
+
+def default_slo_ms(checkpoint: str) -> float:
+    """The p99 bound of a capacity search by network size: 500 ms for an
+    ImageNet-size input (side over 64 pixels), 100 ms otherwise (28 x 28, CIFAR)."""
+    from model.checkpoint import load
+
+    from .imagegen import is_photo_contract
+
+    return 500.0 if is_photo_contract(load(checkpoint).transforms) else 100.0
 
 
 # ---------------------------------------------------------------------------- search
@@ -268,15 +328,33 @@ def trial(srv: TreeServer, make: Callable[[int], ol.Request], rate: float, plan:
     """One open-loop run at ``rate``; its summary with ``passed`` (p99 <= slo, no
     failure) and CPU: ``server_cpu_ms``/``client_cpu_ms`` per request sent,
     ``server_cores``/``client_cores`` busy over the run."""
+    peak = [0]
+    done = threading.Event()
+
+    def sample_rss() -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                peak[0] = max(peak[0], srv.rss_bytes())
+            if done.wait(0.25):
+                return
+
+    sampler = threading.Thread(target=sample_rss, daemon=True) if hasattr(srv, "rss_bytes") else None
+    if sampler is not None:
+        sampler.start()
     s0, c0, t0 = srv.cpu_s(), _cpu_self(), time.monotonic()
-    r = ol.run(srv.url, make, rate, plan.trial_s, warmup_s=plan.warmup_s, timeout_s=plan.timeout_s, seed=seed)
+    try:
+        r = ol.run(srv.url, make, rate, plan.trial_s, warmup_s=plan.warmup_s, timeout_s=plan.timeout_s, seed=seed)
+    finally:
+        done.set()
+        if sampler is not None:
+            sampler.join()
     s1, c1, wall = srv.cpu_s(), _cpu_self(), time.monotonic() - t0
     s = ol.summarise(r.scored(), plan.trial_s)
     n_all = len(r.records) or 1
     s.update(rate=rate, passed=bool(s["ok"] > 0 and s["ok"] == s["requests"] and s["p99_ms"] <= slo_ms),
              server_cpu_ms=1e3 * (s1 - s0) / n_all, client_cpu_ms=1e3 * (c1 - c0) / n_all,
              server_cores=(s1 - s0) / wall, client_cores=(c1 - c0) / wall, wall_s=wall,
-             loadavg_1min=os.getloadavg()[0])
+             loadavg_1min=os.getloadavg()[0], server_rss_peak_mib=peak[0] / 2**20 if sampler else None)
     return s, r
 
 
@@ -413,7 +491,7 @@ def best_per_family(res: dict) -> dict:
     return out
 
 
-FAMILY_ORDER = ("litserve", "ray", "msdnet", "msdnet-last")
+FAMILY_ORDER = ("litserve-ort", "litserve", "ray-ort", "ray", "msdnet", "msdnet-last")
 
 
 def report(res: dict) -> str:
@@ -428,10 +506,10 @@ def report(res: dict) -> str:
     w(f"Capacity = highest Poisson rate with p99 ≤ {res['slo_ms']:g} ms and no failed request; each trial "
       f"{plan['warmup_s']:g} s warm-up + {plan['trial_s']:g} s scored; search from {plan['start']:g} req/s, doubling, "
       f"then geometric bisection to a ratio < {plan['stop_ratio']:g} (≤ {plan['max_trials']} trials). Client and "
-      f"servers share the CPUs. Accuracy: the answers of the trial at capacity ({res['images']} Fashion-MNIST test "
-      "images cycled). CPU: cores busy over that trial, server = its whole process tree (psutil), client = this "
-      "process. MFLOPs per image = multiply-accumulates of convs and linears (MSDNet paper convention), mean over "
-      "the answers.")
+      f"servers share the CPUs. Accuracy: the answers of the trial at capacity ({res['images']} "
+      f"{res.get('images_source', 'Fashion-MNIST test images')} cycled). CPU: cores busy over that trial, "
+      "server = its whole process tree (psutil), client = this process. MFLOPs per image = multiply-accumulates "
+      "of convs and linears (MSDNet paper convention), mean over the answers.")
     w("")
     best = best_per_family(res)
     w("### Best configuration per server")
@@ -544,8 +622,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for capacity.json, CAPACITY.md, capacity.png")
     p.add_argument("--smoke", action="store_true", help="seconds per server, checks answers (CI)")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: Debian's)")
-    p.add_argument("--slo-ms", type=float, default=100.0)
+    p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: Debian's) for a 28x28 checkpoint; "
+                   "for another, a folder of real images DIR/<class>/<file> (default: generated, speed-only)")
+    p.add_argument("--slo-ms", type=float, help="p99 bound (default: 100 ms; 500 ms for ImageNet-size networks)")
+    p.add_argument("--camera-share", type=float, default=0.01,
+                   help="share of generated ImageNet-size images at 4000x3000")
     p.add_argument("--only", nargs="*", help="configuration keys or families to run (default: all)")
     p.add_argument("--max-search-s", type=float, help="seconds per search (default: the plan's)")
     args = p.parse_args(argv)
@@ -556,11 +637,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ck = load_checkpoint(args.checkpoint)
     last_flops = int(ck.exit_flops(lazy=True)[-1])
-    samples = load_samples(args.data_dir, limit=plan.images)
+    samples, source = samples_for(args.checkpoint, args.data_dir, limit=plan.images, camera_share=args.camera_share)
+    if args.slo_ms is None:
+        args.slo_ms = default_slo_ms(args.checkpoint)
     expected = reference_classes(args.checkpoint, samples) if args.smoke else None
     configs = [c for c in grid(args.checkpoint, last_flops, args.smoke)
                if not args.only or c.key in args.only or c.family in args.only]
     res: dict = {"smoke": args.smoke, "plan": asdict(plan), "slo_ms": args.slo_ms, "images": len(samples),
+                 "images_source": source,
                  "command": "python3 -m loadtest.capacity " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                  "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
                  "machine": {"cpus": len(os.sched_getaffinity(0)), "logical_cpus": os.cpu_count()},

@@ -284,16 +284,18 @@ def summarise(records: Sequence[Record], duration_s: float | None = None) -> dic
 
 def classify_requests(samples, deadlines_ms: Sequence[float] | None = None, seed: int = 0,
                       tag: str = "") -> Callable[[int], Request]:
-    """Request i: POST /classify with sample i (cycling) as a raw ``image/png``
-    body; with ``deadlines_ms``, a deadline drawn from them (``?deadline_ms=``)."""
+    """Request i: POST /classify with sample i (cycling) as a raw body of its
+    content type (``image/png`` for a sample without one); with ``deadlines_ms``, a
+    deadline drawn from them (``?deadline_ms=``)."""
     rng = np.random.default_rng(seed)
 
     def make(i: int) -> Request:
         s = samples[i % len(samples)]
+        ctype = getattr(s, "content_type", "image/png")
         if deadlines_ms:
             d = float(deadlines_ms[int(rng.integers(len(deadlines_ms)))])
-            return Request(f"/classify?deadline_ms={d:g}", s.png, "image/png", s.label, d, tag)
-        return Request("/classify", s.png, "image/png", s.label, None, tag)
+            return Request(f"/classify?deadline_ms={d:g}", s.png, ctype, s.label, d, tag)
+        return Request("/classify", s.png, ctype, s.label, None, tag)
 
     return make
 

@@ -12,7 +12,10 @@ LitServe parses a request body as JSON (or a form), so a raw ``image/*`` body is
 wrapped as JSON ``{"image": base64}`` by a small ASGI middleware in the API
 process (a few microseconds for a Fashion-MNIST PNG of about 400 bytes).
 
-    python3 -m loadtest.peers.litserve_app --port 8002 --workers 1 --api-servers 2 --threads 1
+    python3 -m loadtest.peers.litserve_app --port 8002 --workers 1 --api-servers 2 --threads 1 [--runtime onnxruntime]
+
+``--runtime onnxruntime``: each inference worker runs the whole network as one
+ONNX Runtime graph (``loadtest.peers.WholeNetwork``), ``--threads`` intra-op threads.
 """
 
 from __future__ import annotations
@@ -79,12 +82,12 @@ class MSDNetLitAPI(ls.LitAPI):
     (:meth:`loadtest.peers.WholeNetwork.predict`); unbatch: the list itself.
     """
 
-    def __init__(self, checkpoint: str = str(DEFAULT_CHECKPOINT), torch_threads: int = 1):
+    def __init__(self, checkpoint: str = str(DEFAULT_CHECKPOINT), torch_threads: int = 1, runtime: str = "torch"):
         super().__init__(max_batch_size=MAX_BATCH_SIZE, batch_timeout=BATCH_TIMEOUT_S, api_path="/classify")
-        self.checkpoint, self.torch_threads = checkpoint, torch_threads
+        self.checkpoint, self.torch_threads, self.runtime = checkpoint, torch_threads, runtime
 
     def setup(self, device):
-        self.net = WholeNetwork(self.checkpoint, self.torch_threads)
+        self.net = WholeNetwork(self.checkpoint, self.torch_threads, self.runtime)
 
     def decode_request(self, request):
         try:
@@ -110,10 +113,11 @@ class MSDNetLitAPI(ls.LitAPI):
         return output
 
 
-def build_server(checkpoint: str, workers: int, threads: int, fast_queue: bool = False) -> ls.LitServer:
+def build_server(checkpoint: str, workers: int, threads: int, fast_queue: bool = False,
+                 runtime: str = "torch") -> ls.LitServer:
     """A LitServer on CPU with ``workers`` inference worker processes, each with
-    ``threads`` torch threads."""
-    return ls.LitServer(MSDNetLitAPI(checkpoint, threads), accelerator="cpu", devices=1,
+    ``threads`` intra-op threads of ``runtime`` (torch or onnxruntime)."""
+    return ls.LitServer(MSDNetLitAPI(checkpoint, threads, runtime), accelerator="cpu", devices=1,
                         workers_per_device=workers, middlewares=[RawImageAsJSON], fast_queue=fast_queue,
                         timeout=30)
 
@@ -125,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8002)
     p.add_argument("--workers", type=int, default=1, help="inference worker processes (workers_per_device)")
     p.add_argument("--api-servers", type=int, default=1, help="HTTP API server processes (num_api_servers)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per inference worker")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per inference worker")
+    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                   help="whole network in torch eager or as one ONNX Runtime graph")
     p.add_argument("--fast-queue", action="store_true", help="LitServe's ZeroMQ queue instead of multiprocessing's")
     args = p.parse_args(argv)
-    server = build_server(args.checkpoint, args.workers, args.threads, args.fast_queue)
+    server = build_server(args.checkpoint, args.workers, args.threads, args.fast_queue, args.runtime)
     server.run(host=args.host, port=args.port, num_api_servers=args.api_servers, log_level="warning",
                generate_client_file=False)
     return 0

@@ -14,7 +14,10 @@ usage statistics off (``RAY_USAGE_STATS_ENABLED=0``), stopped on SIGTERM/SIGINT.
 Ray's own daemons (GCS, raylet, workers) run on the same cores and count as
 server CPU in the benchmark.
 
-    python3 -m loadtest.peers.ray_app --port 8003 --replicas 1 --threads 1
+    python3 -m loadtest.peers.ray_app --port 8003 --replicas 1 --threads 1 [--runtime onnxruntime]
+
+``--runtime onnxruntime``: each replica runs the whole network as one ONNX
+Runtime graph (``loadtest.peers.WholeNetwork``), ``--threads`` intra-op threads.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ BATCH_WAIT_TIMEOUT_S = 0.002
 MAX_ONGOING_REQUESTS = 256  # per replica; Ray's default (5) would cap a batch at 5
 
 
-def build_app(checkpoint: str, replicas: int, threads: int):
+def build_app(checkpoint: str, replicas: int, threads: int, runtime: str = "torch"):
     """The bound Ray Serve application (see the module docstring)."""
     import numpy as np
     from ray import serve
@@ -47,8 +50,8 @@ def build_app(checkpoint: str, replicas: int, threads: int):
     @serve.deployment(num_replicas=replicas, max_ongoing_requests=MAX_ONGOING_REQUESTS,
                       ray_actor_options={"num_cpus": 0})  # CPUs are shared; Ray must not refuse a replica
     class Classifier:
-        def __init__(self, checkpoint: str, threads: int):
-            self.net = WholeNetwork(checkpoint, threads)
+        def __init__(self, checkpoint: str, threads: int, runtime: str):
+            self.net = WholeNetwork(checkpoint, threads, runtime)
 
         @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
         async def classify(self, files: list[bytes]) -> list[dict | Exception]:
@@ -76,7 +79,7 @@ def build_app(checkpoint: str, replicas: int, threads: int):
                 return JSONResponse({"detail": str(result)}, status_code=getattr(result, "status", 500))
             return JSONResponse(result)
 
-    return Classifier.bind(checkpoint, threads)
+    return Classifier.bind(checkpoint, threads, runtime)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8003)
     p.add_argument("--replicas", type=int, default=1, help="deployment replicas (one actor process each)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per replica")
+    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                   help="whole network in torch eager or as one ONNX Runtime graph")
     args = p.parse_args(argv)
     import ray
     from ray import serve
@@ -97,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING"})
-        serve.run(build_app(args.checkpoint, args.replicas, args.threads), name="msdnet", route_prefix="/",
-                  blocking=False)
+        serve.run(build_app(args.checkpoint, args.replicas, args.threads, args.runtime), name="msdnet",
+                  route_prefix="/", blocking=False)
         print(f"ray serve ready on http://{args.host}:{args.port}", flush=True)
         stop.wait()
     finally:

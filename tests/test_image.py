@@ -13,8 +13,10 @@ and imported as ``BASE_IMAGE`` (skipped when that tag exists); the wheels are
 downloaded once into ``build/image/wheels`` by the base image's own Python
 through the host's pip configuration; the build runs with ``--network none``.
 Podman's settings come from ``deploy/podman/containers.conf`` through
-``CONTAINERS_CONF``. Figures (durations, sizes by layer, cold start) are
-written to ``build/image/report.json``.
+``CONTAINERS_CONF``. Figures (durations, sizes by layer, cold starts, the
+drain's stop) are written to ``build/image/report.json``: reported, never
+asserted (they depend on the machine and on what else runs on it). The waits
+are bounded only as hang guards, far above any expected figure.
 
 Needs (apt, --no-install-recommends; ``make install-image-system``): podman runc
 uidmap fuse-overlayfs slirp4netns netavark aardvark-dns conmon
@@ -52,7 +54,8 @@ BASE_PACKAGES = "python3,python3-venv,ca-certificates"
 # Debian's own sources only (other files under sources.list.d may name third-party repositories).
 APT_SOURCES = [Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list")]
 OFFLINE = "--no-index --find-links /wheels"
-READY_LIMIT_S = 10.0        # container start to /readyz 200
+READY_HANG_GUARD_S = 120.0  # a container with no /readyz 200 by then is hung (the cold start is reported)
+STOP_HANG_GUARD_S = 60.0    # past the README's stop grace: a server still listening by then is hung
 REPORT: dict = {}
 
 
@@ -226,11 +229,13 @@ class Container:
 
     def __enter__(self) -> Container:
         """Run it and wait for /readyz 200; ``ready_s``: seconds from the container's
-        start (podman's State.StartedAt: the server process begins) to that answer."""
+        start (podman's State.StartedAt: the server process begins) to that answer,
+        a figure for the report. The wait stops at READY_HANG_GUARD_S (a hang guard,
+        not a limit on the cold start) or when the container stops running."""
         sh(self.cmd, timeout=120)
         started_ns = int(self.inspect("{{.State.StartedAt.UnixNano}}"))
         t0, checked = time.monotonic(), 0.0
-        while time.monotonic() - t0 < 60:
+        while time.monotonic() - t0 < READY_HANG_GUARD_S:
             try:
                 if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
                     self.ready_s = (time.time_ns() - started_ns) / 1e9
@@ -242,7 +247,9 @@ class Container:
                 state = self.inspect("{{.State.Status}}")
                 assert state == "running", f"container {state}: {self.logs()}"
             time.sleep(0.05)
-        pytest.fail(f"not ready in 60 s: {self.logs()}")
+        pytest.fail(f"hang guard: the container is running but /readyz has not answered 200 after "
+                    f"{READY_HANG_GUARD_S:.0f} s (this bounds the wait; it is not a limit on the cold start): "
+                    f"{self.logs()}")
 
     def inspect(self, fmt: str) -> str:
         return sh(["podman", "inspect", "--format", fmt, self.name]).stdout.strip()
@@ -298,8 +305,7 @@ def test_image_serves_like_msdnet_serve(image, reference):
     stop = readme_line("stop")
     grace_s = float(stop[stop.index("-t") + 1])
     with Container(readme_line("run", lacks="MSDNET_CHECKPOINT")) as c:
-        REPORT["cold_start_s"] = round(c.ready_s, 2)
-        assert c.ready_s < READY_LIMIT_S, f"ready after {c.ready_s:.1f} s"
+        REPORT["cold_start_s"] = round(c.ready_s, 2)  # reported, not asserted
 
         answers = [classify(c.url, p) for p in SAMPLES]
         for p, got, want in zip(SAMPLES, answers, reference):
@@ -318,14 +324,17 @@ def test_image_serves_like_msdnet_serve(image, reference):
         denied = sh(["podman", "exec", c.name, "touch", "/opt/venv/x"], check=False)
         assert denied.returncode != 0 and "Read-only file system" in denied.stderr, denied.stderr
 
-        # SIGTERM with a request in flight: the server stops listening, finishes it, exits 0.
+        # SIGTERM with a request in flight: the server stops listening, finishes it, exits 0. Had it not
+        # finished within the README's stop grace, podman would have killed it (exit code 137, not 0).
         body = SAMPLES[0].read_bytes()
         sock = slow_request_started(c.port, body)
         t0 = time.monotonic()
         stopper = threading.Thread(target=lambda: sh(as_podman(stop, c.name, c.port), timeout=grace_s + 30))
         stopper.start()
         while listening(c.url):
-            assert time.monotonic() - t0 < grace_s, "still accepting connections after SIGTERM"
+            if time.monotonic() - t0 > grace_s + STOP_HANG_GUARD_S:
+                pytest.fail(f"hang guard: still accepting connections {grace_s + STOP_HANG_GUARD_S:.0f} s after "
+                            f"SIGTERM (the stop grace is {grace_s:.0f} s): {c.logs()}")
             time.sleep(0.05)
         sock.sendall(body[len(body) // 2:])
         response = b""
@@ -338,8 +347,7 @@ def test_image_serves_like_msdnet_serve(image, reference):
         assert status_line.startswith(b"HTTP/1.1 200"), response[:500]
         assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["label"] == reference[0]["label"]
         assert c.inspect("{{.State.ExitCode}}") == "0", c.logs()
-        assert stop_s < grace_s
-        REPORT["drain_stop_s"] = round(stop_s, 2)
+        REPORT["drain_stop_s"] = round(stop_s, 2)  # reported, not asserted
 
 
 def test_image_honours_settings_and_a_mounted_checkpoint(image, reference, tmp_path):
@@ -354,6 +362,7 @@ def test_image_honours_settings_and_a_mounted_checkpoint(image, reference, tmp_p
     env = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "-e")
     assert env["MSDNET_CHECKPOINT"] == "/models/model.pt"
     with Container(argv, pwd=tmp_path) as c:
+        REPORT["cold_start_mounted_checkpoint_s"] = round(c.ready_s, 2)  # reported, not asserted
         got = classify(c.url, SAMPLES[0])
         assert got["label"] == f"renamed-{reference[0]['label']}"
         assert got["class_id"] == reference[0]["class_id"]

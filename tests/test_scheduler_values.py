@@ -68,3 +68,26 @@ def test_latency_estimate_applies_the_safety_factor():
     lat.observe(0, 9, 0.010)  # 1 ms per image + 1 ms
     assert lat.estimate(0, 5) == pytest.approx(1.25 * 0.006)
     assert LatencyModel(1).estimate(0, 5) == 0.0  # nothing observed yet
+
+
+def test_a_capped_budget_buys_the_next_block_for_the_least_confident_images():
+    """/batch's budget pays block 2 for two of four images: the two least confident
+    at exit 1 go on, the two most confident leave there with BUDGET."""
+    flops = [10.0, 25.0, 45.0]
+    p = BudgetPolicy(70.0, 4, (0.99, 0.99, 0.0), flops)  # 4 x 10 for exit 1, then 2 x 15 for exit 2
+    a, b, c, d = tasks = [Task(0.0, p) for _ in range(4)]
+    s = BlockScheduler(3, 8, 0.0, 100)
+    s.submit(tasks)
+    block, batch, finished = s.next_step(0.0)
+    assert (block, batch, finished) == (0, [a, b, c, d], [])
+    assert s.complete(0, batch, [0.6, 0.2, 0.5, 0.3], 0.001) == []  # all below 0.99: all queue for block 2
+
+    block, batch, finished = s.next_step(0.0)
+    assert block == 1 and batch == [b, d]  # 0.2 and 0.3 go on, in queue order
+    assert finished == [(c, Outcome.BUDGET), (a, Outcome.BUDGET)]  # 0.5 and 0.6 leave at exit 1
+    assert p.committed == 70.0 and s.in_flight == 2
+
+    assert s.complete(1, batch, [0.7, 0.4], 0.001) == []
+    block, batch, finished = s.next_step(0.0)  # nothing left to pay block 3 (20 each)
+    assert (block, batch, finished) == (2, [], [(d, Outcome.BUDGET), (b, Outcome.BUDGET)])
+    assert [t.exits_done for t in tasks] == [1, 2, 1, 2] and s.in_flight == 0 and s.next_step(0.0) is None

@@ -302,4 +302,21 @@ MUTANTS = [
     Mutant("ipc-unbounded-wait", "server/ipc/client.py",
            "reply, out = await asyncio.wait_for(fut, max(timeout_s, 0.0))", "reply, out = await fut",
            ("tests/test_ipc_engine.py",), "a request waits forever for a hung engine"),
+
+    # ---- issue 23's unchecked behaviours: a capped /batch step, equal-cost curve points ----------------------
+    Mutant("sched-budget-arrival-order", "server/engine/scheduler.py",
+           "for task in sorted(batch, key=lambda t: -1.0 if t.confidence is None else t.confidence):",
+           "for task in batch:",
+           ("tests/test_scheduler_values.py::"
+            "test_a_capped_budget_buys_the_next_block_for_the_least_confident_images",),
+           "a /batch budget that pays only some images' next block pays it in queue order, not least confident first"),
+    Mutant("cal-curve-equal-cost", "model/calibration.py", "return sorted(out, key=lambda o: (o.mean_flops, -o.top1))",
+           "return sorted(out, key=lambda o: o.mean_flops)",
+           ("tests/test_calibration_values.py::"
+            "test_the_stored_curve_keeps_the_more_accurate_of_two_points_of_equal_cost",),
+           "points of equal cost stay in prior order: the stored curve keeps the less accurate one too"),
+    Mutant("cal-stores-whole-curve", "model/evaluate.py", '"curve": [o.to_dict() for o in pareto(curve)],',
+           '"curve": [o.to_dict() for o in curve],',
+           ("tests/test_calibration_values.py::test_calibrate_stores_that_curve_in_the_checkpoint",),
+           "calibration stores every point of the grid, dominated and equal-cost ones included"),
 ]

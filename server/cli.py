@@ -16,7 +16,7 @@ def cmd_serve(args) -> int:
 
     overrides = {k: v for k, v in {
         "checkpoint": args.checkpoint, "host": args.host, "port": args.port, "workers": args.workers,
-        "target_flops": args.target_flops, "torch_threads": args.torch_threads,
+        "target_flops": args.target_flops, "torch_threads": args.torch_threads, "model_threads": args.model_threads,
         "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
         "log_level": args.log_level}.items() if v is not None}
     if args.no_controller:
@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                    "process; N > 1 adds one engine process that owns the model, the scheduler and the budget "
                    "controller")
     p.add_argument("--target-flops", type=float, help="target mean FLOPs per /classify request")
-    p.add_argument("--torch-threads", type=int)
+    p.add_argument("--torch-threads", type=int, help="intra-op threads per model thread")
+    p.add_argument("--model-threads", type=int, help="engine threads running block steps concurrently (default: "
+                   "one per usable CPU for a network whose last exit costs 50 MFLOPs or more, else 1)")
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-queue-delay-ms", type=float)
     p.add_argument("--no-controller", action="store_true", help="keep the checkpoint's thresholds fixed")

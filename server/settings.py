@@ -56,8 +56,13 @@ class Settings(BaseSettings):
     # 2 threads there served 13 req/s at the last exit, with 1 thread 164), and ONNX
     # Runtime runs blocks about 2x faster than torch eager at the same thread count.
     torch_threads: int = Field(default_factory=lambda: max(1, min(4, usable_cpus() - 1)), ge=1,
-                               description="Intra-op threads of the model thread (torch or ONNX Runtime); "
-                                           "default: usable CPUs - 1, at most 4.")
+                               description="Intra-op threads of each model thread (torch or ONNX Runtime); "
+                                           "default: usable CPUs - 1, at most 4, with one model thread; 1 with "
+                                           "several (engine_threads).")
+    model_threads: int | None = Field(None, ge=1, le=64,
+                                      description="Threads that run block steps concurrently in the engine, each with "
+                                                  "MSDNET_TORCH_THREADS intra-op threads; default: chosen at start "
+                                                  "from the checkpoint's cost (engine_threads).")
     backend: Literal["torch", "onnxruntime"] = Field(
         "onnxruntime", description="What runs a block step: ONNX Runtime (one session per block, exported at "
                                    "start and checked against torch eager), or torch eager (the reference).")
@@ -91,3 +96,31 @@ class Settings(BaseSettings):
     fleet_stale_after_s: float = Field(10.0, gt=0, description="A replica silent this long leaves the fleet.")
     fleet_horizon: float = Field(200.0, gt=0, description="Requests over which the fleet's overspend is paid "
                                                           "back (longer than local: fleet figures arrive late).")
+
+    def engine_threads(self, last_exit_flops: float) -> tuple[int, int]:
+        """(model threads, intra-op threads per model thread) for a network whose
+        last exit costs ``last_exit_flops`` (multiply-accumulates, lazy).
+
+        Unset ``model_threads``: a compute-bound network (last exit at least
+        ``COMPUTE_BOUND_FLOPS``) gets one model thread per usable CPU, each with one
+        intra-op thread, since its blocks, not HTTP, fill the cores; a small one
+        gets one model thread and leaves the other cores to HTTP and decoding. An
+        explicit ``torch_threads`` with unset ``model_threads`` keeps one model thread
+        (the operator chose intra-op parallelism).
+        """
+        explicit = self.model_fields_set
+        if self.model_threads is not None:
+            model = self.model_threads
+        elif "torch_threads" in explicit:
+            model = 1
+        else:
+            model = min(4, usable_cpus()) if last_exit_flops >= COMPUTE_BOUND_FLOPS else 1
+        torch_threads = self.torch_threads if ("torch_threads" in explicit or model == 1) else 1
+        return model, torch_threads
+
+
+# Where the network, not HTTP, fills the cores. Measured on 2 cores (issue 22): HTTP, JSON
+# and decoding cost about 1.8-2.1 ms of CPU per request; the shipped 28x28 model's last exit
+# (21 MFLOPs) about 0.3 ms, CIFAR-100 MSDNet-7's (75 MFLOPs) and ImageNet MSDNet-5's
+# (1,356 MFLOPs) several ms to tens of ms.
+COMPUTE_BOUND_FLOPS = 50e6

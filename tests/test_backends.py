@@ -18,7 +18,8 @@ pytest.importorskip("onnxruntime")
 from model.checkpoint import load  # noqa: E402
 from model.costs import exit_costs  # noqa: E402
 from model.network import MSDState  # noqa: E402
-from server.engine.backends import BackendError, OrtBackend, ParityFigures, compare_logits, make_backend, step_io  # noqa: E402
+from server.engine.backends import BackendError, OrtBackend, make_backend, step_io  # noqa: E402
+from server.engine.parity import ParityFigures, compare_logits  # noqa: E402
 
 
 @pytest.fixture(scope="module")

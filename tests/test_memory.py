@@ -54,10 +54,11 @@ class ByIdPolicy:
         return True
 
 
-@pytest.fixture
-def runner(tiny_checkpoint):
+@pytest.fixture(params=[1, 2], ids=["1-model-thread", "2-model-threads"])
+def runner(tiny_checkpoint, request):
     ck = load(tiny_checkpoint)
-    r = Runner(ck, max_batch_size=8, max_queue_delay_s=0.001, max_queue_size=1024, torch_threads=1)
+    r = Runner(ck, max_batch_size=8, max_queue_delay_s=0.001, max_queue_size=1024, torch_threads=1,
+               model_threads=request.param)
     r.start(warmup_rounds=1)
     yield r
     r.stop()

@@ -1,6 +1,7 @@
 """Per-block engine benchmark: ``python3 -m loadtest.blocks [--threads 1 2] [--batches 1 64]``.
 
-In one run, on the checkpoint (default: the shipped Fashion-MNIST model), for
+In one run, on the checkpoint (default: the shipped Fashion-MNIST model; any
+other is fed images at its own input contract, generated when no data is at hand), for
 each intra-op thread count and batch size it times
 
 - torch eager per block: ``server.engine.backends.TorchBackend`` (= ``MSDNet.advance``),
@@ -23,12 +24,9 @@ whatever the neighbours do).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,35 +36,35 @@ from model.checkpoint import DEFAULT_CHECKPOINT, load
 from server.engine.backends import OrtBackend, TorchBackend, session_options
 
 
-def _images(ck, n: int) -> torch.Tensor:
-    """n normalised test images (N, C, H, W); N(0, 1) noise when the dataset is absent."""
+def _images(checkpoint, ck, n: int) -> torch.Tensor:
+    """n images at the checkpoint's input contract, decoded as msdnet-serve decodes them:
+    float32 (N, C, H, W). Fashion-MNIST test images for the 28x28 model, generated
+    images otherwise (``loadtest.samples.samples_for``; cycled when fewer than n);
+    N(0, 1) noise when neither can be had (the timing does not depend on pixel values)."""
     cfg = ck.config
     try:
-        from loadtest.samples import load_test_set
-        from model.data import normalise
+        from loadtest.samples import samples_for
+        from server.images import decode
 
-        test = load_test_set()
-        x = normalise(test.images[:n], ck.transforms.mean, ck.transforms.std)
-        if x.shape[0] == n:
+        samples, _ = samples_for(checkpoint, limit=min(n, 32), camera_share=0.0)
+        arrays = [decode(s.data, ck.transforms, 4096 * 4096) for s in samples]
+        x = torch.from_numpy(np.stack([arrays[i % len(arrays)] for i in range(n)]))
+        if x.shape == (n, cfg.in_channels, cfg.image_size, cfg.image_size):
             return x
-    except Exception:  # no dataset on this machine: the timing does not depend on pixel values
+    except Exception:  # noqa: BLE001 - no images to be had: noise
         pass
     return torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
 
 
 def whole_network_session(model, threads: int, directory: str):
-    """ONNX Runtime session of the all-exits forward (input ``x``, outputs ``exit1..``), dynamic batch."""
+    """ONNX Runtime session of the all-exits forward (input ``x``, outputs ``exit1..``), dynamic batch,
+    with the engine's session options (``server.engine.backends.session_options``)."""
     import onnxruntime as ort
 
-    cfg = model.cfg
+    from loadtest.peers import export_onnx
+
     path = str(Path(directory) / "msdnet.onnx")
-    names = [f"exit{k + 1}" for k in range(model.num_exits)]
-    x = torch.randn(1, cfg.in_channels, cfg.image_size, cfg.image_size)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["x"],
-                          output_names=names, dynamic_axes={"x": {0: "n"}, **{k: {0: "n"} for k in names}})
-    model.eval()  # the exporter restores the mode it found; be explicit
+    export_onnx(model, path, last_only=False)
     return ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
 
 
@@ -111,7 +109,7 @@ def measure(checkpoint: str | Path = DEFAULT_CHECKPOINT, threads: tuple[int, ...
     macs_whole = ck.exit_flops(lazy=False)[-1]
     out: dict = {"checkpoint": str(checkpoint), "macs_per_image": {"per_block": macs_staged, "whole": macs_whole},
                  "torch": torch.__version__, "results": {}}
-    xs = {b: _images(ck, b) for b in batches}
+    xs = {b: _images(checkpoint, ck, b) for b in batches}
     with tempfile.TemporaryDirectory(prefix="msdnet-blocks-") as tmp:
         for t in threads:
             torch.set_num_threads(t)

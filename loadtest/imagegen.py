@@ -54,7 +54,8 @@ def photo_like(rng: np.random.Generator, width: int, height: int, channels: int 
     radius = max(0.5, min(width, height) / 300)
     img = img.filter(ImageFilter.GaussianBlur(radius))
     a = np.asarray(img, dtype=np.int16)
-    noise = rng.normal(0.0, 6.0, (height, width, 1)).astype(np.int16)  # luminance-like sensor noise
+    noise = rng.normal(0.0, 10.0, (height, width, 1)) + rng.normal(0.0, 4.0, (height, width, 3))
+    noise = noise.astype(np.int16)  # sensor noise, mostly in luminance
     a = np.clip(a + noise, 0, 255).astype(np.uint8)
     out = Image.fromarray(a, "RGB")
     return out if channels == 3 else out.convert("L")

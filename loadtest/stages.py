@@ -27,7 +27,7 @@ from pathlib import Path
 from . import openloop as ol
 from .capacity import TreeServer, make_requests
 from .common import log
-from .samples import load_samples
+from .samples import samples_for
 
 # (stage, pattern on "function (file:line)" frames); the innermost matching frame decides.
 STAGES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(pat)) for name, pat in (
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m loadtest.stages", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (28x28 model) or a folder DIR/<class>/<image> "
+                   "(default: generated images at the checkpoint's contract)")
     p.add_argument("--rate", type=float, default=200.0, help="requests/s (below capacity: py-spy costs CPU too)")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--workers", type=int, nargs="+", default=[1])
@@ -144,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    samples = load_samples(args.data_dir, limit=2000)
+    from model.checkpoint import DEFAULT_CHECKPOINT
+
+    samples, source = samples_for(args.checkpoint or DEFAULT_CHECKPOINT, args.data_dir, limit=2000)
+    log(f"images: {source}")
     rows = []
     for w in args.workers:
         for enc in args.encodings:

@@ -186,7 +186,7 @@ class Service:
         Raises:
             errors.ServiceError: bad (400), unsupported (415) or too large (413) image.
         """
-        return decode(data, self.transforms, self.settings.max_image_pixels)
+        return decode(data, self.transforms, self.settings.max_image_pixels, self.settings.jpeg_draft)
 
     def _submit(self, images, policies, deadlines, started, on_done):
         try:

@@ -51,8 +51,9 @@ def _large_pool() -> ProcessPoolExecutor:
         return _pool
 
 
-def _decode_large(data: bytes, contract: InputContract, max_pixels: int) -> tuple[np.ndarray, int, int]:
-    return decode_image(data, contract, max_pixels), os.getpid(), os.getpriority(os.PRIO_PROCESS, 0)
+def _decode_large(data: bytes, contract: InputContract, max_pixels: int,
+                  draft: bool) -> tuple[np.ndarray, int, int]:
+    return decode_image(data, contract, max_pixels, draft), os.getpid(), os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def is_large(data: bytes) -> bool:
@@ -71,7 +72,7 @@ def decode(service, data: bytes) -> np.ndarray:
     if not is_large(data):
         return service.decode(data)
     out, pid, nice = _large_pool().submit(_decode_large, data, service.transforms,
-                                          service.settings.max_image_pixels).result()
+                                          service.settings.max_image_pixels, service.settings.jpeg_draft).result()
     last_large = (pid, nice)
     return out
 

@@ -184,7 +184,7 @@ class EngineClient:
     # ---- the Service surface the HTTP layer uses -------------------------------------
     def decode(self, data: bytes) -> np.ndarray:
         """As :meth:`server.service.Service.decode` (runs here, in the worker)."""
-        return decode(data, self.transforms, self.settings.max_image_pixels)
+        return decode(data, self.transforms, self.settings.max_image_pixels, self.settings.jpeg_draft)
 
     async def classify(self, images: list[np.ndarray], deadline_ms: float | None, started: float) -> list[Finished]:
         """As :meth:`server.service.Service.classify`, run by the engine process

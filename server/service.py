@@ -91,12 +91,14 @@ class Service:
                                       bias_halflife=settings.controller_bias_halflife)
         self.keeper = BudgetKeeper(controller, cal.thresholds, settings.controller, on_change=self._export_budget)
         model_threads, torch_threads = settings.engine_threads(self.exit_flops[-1])
-        self.runner = Runner(checkpoint, max_batch_size=settings.max_batch_size,
+        self.runner = Runner(checkpoint, max_batch_size=settings.engine_batch(self.exit_flops[0]),
                              max_queue_delay_s=settings.max_queue_delay_ms / 1e3,
                              max_queue_size=settings.max_queue_size, torch_threads=torch_threads,
                              backend=settings.backend, on_step=self._on_step, model_threads=model_threads)
-        log.info("engine: %d model thread(s) x %d intra-op thread(s), backend %s, last exit %.1f MFLOPs",
-                 model_threads, torch_threads, settings.backend, self.exit_flops[-1] / 1e6)
+        log.info("engine: %d model thread(s) x %d intra-op thread(s), batches of up to %d, backend %s, "
+                 "exit 1 %.1f and last exit %.1f MFLOPs", model_threads, torch_threads,
+                 self.runner.scheduler.max_batch_size, settings.backend, self.exit_flops[0] / 1e6,
+                 self.exit_flops[-1] / 1e6)
         self._classify_policy = ThresholdPolicy(self.keeper.thresholds)
         self.fleet = None  # a server.budget.fleet.Fleet when a Redis URL is configured
         self.metrics.set_model_info(checkpoint=str(checkpoint.path or ""), num_exits=str(self.num_exits),

@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     backend: Literal["torch", "onnxruntime"] = Field(
         "onnxruntime", description="What runs a block step: ONNX Runtime (one session per block, exported at "
                                    "start and checked against torch eager), or torch eager (the reference).")
-    max_batch_size: int = Field(64, ge=1, le=1024, description="Images per block step.")
+    max_batch_size: int | None = Field(None, ge=1, le=1024,
+                                       description="Images per block step; default: 64, fewer where exit 1 is "
+                                                   "costly (about 2 GFLOPs per step: 8 for ImageNet MSDNet-5).")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="Longest wait of block 1 to fill a batch.")
     max_queue_size: int = Field(1024, ge=1, description="Images held at once; more get 503.")
     max_batch_images: int = Field(256, ge=1, description="Images per /batch request.")
@@ -121,9 +123,20 @@ class Settings(BaseSettings):
         torch_threads = self.torch_threads if ("torch_threads" in explicit or model == 1) else 1
         return model, torch_threads
 
+    def engine_batch(self, exit1_flops: float) -> int:
+        """Images per block step: ``max_batch_size`` if set, else as many as cost about
+        ``STEP_FLOPS`` at exit 1, between 1 and 64."""
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return max(1, min(64, round(STEP_FLOPS / exit1_flops)))
+
 
 # Where the network, not HTTP, fills the cores. Measured on 2 cores (issue 22): HTTP, JSON
 # and decoding cost about 1.8-2.1 ms of CPU per request; the shipped 28x28 model's last exit
 # (21 MFLOPs) about 0.3 ms, CIFAR-100 MSDNet-7's (75 MFLOPs) and ImageNet MSDNet-5's
 # (1,356 MFLOPs) several ms to tens of ms.
 COMPUTE_BOUND_FLOPS = 50e6
+# Images per step: ORT's rate on ImageNet MSDNet-5 (1 thread, per CPU-second) is 35.7 / 40.7 /
+# 44.0 / 45.4 / 39.7 GMAC/s at batch 1 / 2 / 4 / 8 / 16; a step-1 batch of 64 would take 0.4 s
+# of a 0.5-s objective. About 2 GFLOPs per step: batch 8 there, 64 for CIFAR and smaller.
+STEP_FLOPS = 2e9

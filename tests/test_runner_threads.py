@@ -118,7 +118,7 @@ def test_answers_do_not_depend_on_the_number_of_model_threads(tiny_checkpoint, m
     assert len({int(np.argmax(a.probs)) for a in one}) > 1
 
 
-def test_engine_threads_default_from_the_checkpoint_cost(monkeypatch):
+def test_engine_threads_and_batch_default_from_the_checkpoint_cost(monkeypatch):
     import server.settings as settings_mod
 
     monkeypatch.setattr(settings_mod, "usable_cpus", lambda: 2)
@@ -131,6 +131,10 @@ def test_engine_threads_default_from_the_checkpoint_cost(monkeypatch):
     assert Settings(torch_threads=2).engine_threads(1356e6) == (1, 2)  # the operator chose intra-op threads
     monkeypatch.setattr(settings_mod, "usable_cpus", lambda: 8)
     assert Settings().engine_threads(1356e6) == (4, 1)  # at most 4
+    assert Settings().engine_batch(4.8e6) == 64  # the shipped model, CIFAR sizes
+    assert Settings().engine_batch(254e6) == 8  # ImageNet MSDNet-5
+    assert Settings().engine_batch(5e9) == 1
+    assert Settings(max_batch_size=16).engine_batch(254e6) == 16
     with pytest.raises(ValueError, match="model_threads"):
         Runner.__init__(object.__new__(Runner), None, max_batch_size=1, max_queue_delay_s=0, max_queue_size=1,
                         torch_threads=1, model_threads=0)

@@ -3,7 +3,7 @@ PYTHON ?= python3
 CKPT ?= model/weights/fashion-mnist.pt
 PORT ?= 8000
 
-.PHONY: install install-system install-image-system image-test serve test mutants lint train calibrate evaluate e2e-full bench bench-smoke soak
+.PHONY: install install-system install-image-system image-test serve test mutants lint train calibrate evaluate e2e-full bench bench-smoke soak bench-real bench-real-smoke
 
 install-system:  ## Debian packages: the data set; Prometheus, Redis and Chromium (/docs) for the integration tests
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist prometheus redis-server \
@@ -55,6 +55,18 @@ bench:  ## docs/BENCHMARKS.md and plots: issue 12's goals against LitServe and R
 
 bench-smoke:
 	$(PYTHON) -m loadtest.bench --out /tmp/msdnet-bench-smoke --smoke
+
+# Real-size networks (issue 22): SIZE = a loadtest.realsize name (speed-only checkpoint, made and cached in
+# build/realsize/), or CHECKPOINT=FILE for any checkpoint. Capacity grid against LitServe and Ray Serve (whole
+# network in ONNX Runtime and in torch eager), per-block GMAC/s, decode cost, peak RSS; about 30-40 min per size.
+SIZE ?= cifar100-7
+REAL_OUT ?= build/bench-real
+REAL_ARGS ?=
+bench-real:  ## real-size benchmark: make bench-real SIZE=cifar100-7|imagenet-5 (or CHECKPOINT=FILE); $(REAL_OUT)/REALBENCH-*.md
+	$(PYTHON) -m loadtest.realbench $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--size $(SIZE)) --out $(REAL_OUT) $(REAL_ARGS)
+
+bench-real-smoke:  ## the real-size path end to end on the CIFAR size, in well under a minute (after the first make)
+	$(PYTHON) -m loadtest.realbench --size cifar100-7 --out /tmp/msdnet-bench-real-smoke --smoke
 
 SOAK_MINUTES ?= 30
 SOAK_ARGS ?=

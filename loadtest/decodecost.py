@@ -6,12 +6,14 @@ For each kind of request image (generated, :mod:`loadtest.imagegen`: photo-like
 500 x 375-ish JPEGs, camera-sized 4000 x 3000 JPEGs, and for small contracts
 their own 32 x 32 PNGs and JPEGs) it times, per image, on this process's CPU:
 
-- **full**: ``server.images.decode``, msdnet-serve's path (full-resolution JPEG
+- **full**: ``server.images.decode`` with draft mode off (full-resolution JPEG
   decode, EXIF orientation, mode rule, then the contract's resize, crop and
   mean/std: for ImageNet, shorter side 256 bilinear, centre crop 224);
 - **draft**: the same after ``Image.draft("RGB", size)`` with ``size`` the
   contract's resize target (libjpeg's DCT scaling decodes at 1/2, 1/4 or 1/8 of
-  the stored size, never below the target), then the same resize and crop.
+  the stored size, never below the target), then the same resize and crop:
+  msdnet-serve's own rule (``server.images.decode(draft=True)``, ``MSDNET_JPEG_DRAFT``)
+  where the server has it, else done here.
 
 and the difference draft - full of the preprocessed float32 tensor (normalised
 units: (x / 255 - mean) / std): max and mean absolute, and the max in 8-bit
@@ -22,6 +24,7 @@ Times are medians of ``repeats`` runs per image (wall and process CPU).
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import json
 import time
@@ -35,21 +38,32 @@ from model.transforms import preprocess, resized_size
 MAX_PIXELS = 4096 * 4096
 
 
+def _server_decode():
+    """msdnet-serve's ``decode`` and whether it takes ``draft`` (its own draft-mode switch)."""
+    from server.images import decode
+
+    return decode, "draft" in inspect.signature(decode).parameters
+
+
 def decode_full(data: bytes, contract) -> np.ndarray:
-    """msdnet-serve's decode (``server.images.decode``): float32 (C, H, W).
+    """msdnet-serve's decode (``server.images.decode``) with draft mode off where it has
+    the switch: full-resolution JPEG decode. float32 (C, H, W).
 
     Raises:
         server.errors.ServiceError subclasses for bad images.
     """
-    from server.images import decode
-
-    return decode(data, contract, MAX_PIXELS)
+    decode, has_draft = _server_decode()
+    return decode(data, contract, MAX_PIXELS, draft=False) if has_draft else decode(data, contract, MAX_PIXELS)
 
 
 def decode_draft(data: bytes, contract) -> np.ndarray:
-    """JPEG decoded in draft mode at the contract's resize target (DCT scaling),
-    then msdnet-serve's preprocessing; other formats as :func:`decode_full`.
-    float32 (C, H, W). Raises what Pillow raises on a bad image."""
+    """A JPEG decoded in draft mode at the contract's resize target (DCT scaling), then
+    msdnet-serve's preprocessing: ``server.images.decode(draft=True)`` where the server
+    has draft mode, else the same done here; other formats as :func:`decode_full`.
+    float32 (C, H, W). Raises what Pillow or the server raises on a bad image."""
+    decode, has_draft = _server_decode()
+    if has_draft:
+        return decode(data, contract, MAX_PIXELS, draft=True)
     with Image.open(io.BytesIO(data)) as img:
         if img.format not in ("JPEG", "MPO"):
             return decode_full(data, contract)
@@ -102,6 +116,8 @@ def measure(checkpoint: str | Path, repeats: int = 5, n_photos: int = 12, n_came
     res: dict = {"checkpoint": str(checkpoint), "contract": contract.describe(), "repeats": repeats, "kinds": {}}
     std = np.asarray(contract.std, dtype=np.float64).reshape(-1, 1, 1)
     for kind, files in kinds(contract, n_photos, n_camera).items():
+        if not files:
+            continue
         row: dict = {"images": len(files), "mean_bytes": float(np.mean([len(f) for f in files]))}
         reps = repeats if "camera" not in kind else max(2, repeats // 2)
         for name, fn in (("full", decode_full), ("draft", decode_draft)):

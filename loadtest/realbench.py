@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         cfgs, skipped = configs(grid, checkpoint, last)
         cfgs = [c for c in cfgs if not a.only or c.key in a.only or c.family in a.only]
         samples, source = samples_for(checkpoint, a.data_dir, limit=plan.images, camera_share=a.camera_share)
-        log(f"capacity: {len(cfgs)} configuration(s), images: {source}, SLO p99 <= {slo:g} ms")
+        log(f"capacity: {len(cfgs)} configuration(s), images: {len(samples)} {source}, SLO p99 <= {slo:g} ms")
         expected = cap.reference_classes(checkpoint, samples) if a.smoke else None
         res["capacity"] = {"plan": asdict(plan), "images": len(samples), "images_source": source,
                            "skipped": skipped, "grid": grid, "loadavg_at_start": os.getloadavg()}

@@ -124,7 +124,7 @@ def section(res: dict) -> str:
               f"Capacity = highest Poisson rate with p99 ≤ {res['slo_ms']:g} ms and no failed request (open loop, "
               f"same client, same {m.get('cpus')} CPUs as the servers); trials {p['warmup_s']:g} s + {p['trial_s']:g}"
               f" s from {p['start']:g} req/s, doubling then bisecting, ≤ {p['max_trials']} trials or "
-              f"{p['max_search_s']:g} s per search. Images: {c['images_source']}. Effective GMAC/s = "
+              f"{p['max_search_s']:g} s per search. Images: {c['images']} {c['images_source']}. Effective GMAC/s = "
               "mean MFLOPs per answer × req/s. RSS: sum over the server's process tree, peak at capacity / over the "
               "search (MiB). Batches: msdnet-serve's mean images per block step over the search, per block.", ""]
         w += table(["server", "configuration", "encoding", "capacity (req/s)", "p99 (ms)", "MFLOPs per answer",

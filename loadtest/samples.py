@@ -147,4 +147,4 @@ def samples_for(checkpoint: str | Path, data_dir: str | Path | None = None, limi
     n = min(limit, 200) if is_photo_contract(contract) else limit
     what = ("photo-like JPEGs, ~500x375" + (f", {camera_share:.0%} at 4000x3000" if camera_share else "")
             if is_photo_contract(contract) else f"{contract.image_size}x{contract.image_size} PNGs and JPEGs")
-    return generated_samples(contract, n, seed, camera_share), f"{n} generated {what} (speed-only: no labels)"
+    return generated_samples(contract, n, seed, camera_share), f"generated {what} (speed-only: no labels)"

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.checkpoint import DEFAULT_CHECKPOINT
 
     samples, source = samples_for(args.checkpoint or DEFAULT_CHECKPOINT, args.data_dir, limit=2000)
-    log(f"images: {source}")
+    log(f"images: {len(samples)} {source}")
     rows = []
     for w in args.workers:
         for enc in args.encodings:

@@ -68,9 +68,9 @@ DEFAULT_GRID: dict = {
         {"tag": "t40", "target": 0.40},
         {"tag": "t25", "target": 0.25},
         {"tag": "last", "target": "last"},
+        # The server's default model threads: one per usable CPU for networks >= 50 MFLOPs (2 here); 1 for contrast.
         {"tag": "t40-mt1", "target": 0.40, "env": {"MSDNET_MODEL_THREADS": "1"}, "needs": "model_threads"},
-        {"tag": "t40-mt2", "target": 0.40, "env": {"MSDNET_MODEL_THREADS": "2"}, "needs": "model_threads"},
-        {"tag": "last-mt2", "target": "last", "env": {"MSDNET_MODEL_THREADS": "2"}, "needs": "model_threads"},
+        {"tag": "last-mt1", "target": "last", "env": {"MSDNET_MODEL_THREADS": "1"}, "needs": "model_threads"},
     ],
 }
 SMOKE_GRID: dict = {

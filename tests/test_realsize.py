@@ -123,7 +123,8 @@ def test_grid_is_data_driven_and_passes_env():
     assert env["msdnet-default-t25"]["MSDNET_TARGET_FLOPS"] == str(int(0.25 * last))
     assert env["msdnet-last-default-last"]["MSDNET_TARGET_FLOPS"] == str(last)
     if "model_threads" in realbench.server_settings():
-        assert env["msdnet-default-t40-mt2"]["MSDNET_MODEL_THREADS"] == "2"
+        assert env["msdnet-default-t40-mt1"]["MSDNET_MODEL_THREADS"] == "1"
+        assert "MSDNET_MODEL_THREADS" not in env["msdnet-default-t40"]  # the server's default
     grid = {"msdnet": [{"tag": "x", "target": 0.4, "env": {"MSDNET_FOO": "1"}, "needs": "no_such_setting"}]}
     assert realbench.configs(grid, ckpt, last) == ([], ["msdnet x: skipped, the server has no setting "
                                                         "'no_such_setting' yet"])

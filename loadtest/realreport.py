@@ -1,5 +1,7 @@
 """The Markdown section of one ``loadtest.realbench`` run (to be merged into docs/BENCHMARKS.md).
 
+``python3 -m loadtest.realreport DIR/realbench-NAME.json --out DIR/REALBENCH-NAME.md`` renders it again.
+
 FLOPs = multiply-accumulates of convs and linears (MSDNet paper convention),
 cumulative per exit; effective GMAC/s = mean FLOPs per answer x requests/s.
 """
@@ -93,6 +95,35 @@ def ratios(res: dict) -> list[str]:
     return out
 
 
+def machine_rate(res: dict) -> float | None:
+    """Whole-network ONNX Runtime GMAC/s of all usable CPUs: the best 1-thread rate over
+    the measured batch sizes (``res["blocks"]``) times the usable CPUs; None without it."""
+    b = res.get("blocks") or {}
+    one = (b.get("results") or {}).get(1) or (b.get("results") or {}).get("1")
+    if not one:
+        return None
+    best = max(r["ORT, whole network"]["gmacs"] for r in one.values())
+    return best * (res["machine"].get("cpus") or 1)
+
+
+def machine_use(res: dict) -> list[str]:
+    """Goal 4 of issue 22 per msdnet-serve configuration: effective GMAC/s at capacity
+    against :func:`machine_rate`."""
+    rate = machine_rate(res)
+    if not rate or not res.get("capacity"):
+        return []
+    out = []
+    for key, s in res["capacity"]["servers"].items():
+        for enc, run in s.get("encodings", {}).items():
+            mf = _mflops(run)
+            if s["family"].startswith("msdnet") and mf and run["capacity_rps"]:
+                eff = mf * run["capacity_rps"] / 1e3
+                out.append(f"{ENC_LABEL[enc]}, {key}: effective {eff:.1f} GMAC/s = **{eff / rate:.2f}×** the "
+                           f"whole-network ONNX Runtime rate of all {res['machine'].get('cpus')} CPUs "
+                           f"({rate:.1f} GMAC/s: best 1-thread batch × CPUs).")
+    return out
+
+
 def section(res: dict) -> str:
     """The whole section: header, network, capacity, blocks, decode."""
     from .blocks import table as blocks_table
@@ -130,7 +161,7 @@ def section(res: dict) -> str:
         w += table(["server", "configuration", "encoding", "capacity (req/s)", "p99 (ms)", "MFLOPs per answer",
                     "effective GMAC/s", "server cores", "peak RSS (MiB)", "batches per block"], capacity_rows(res))
         w.append("")
-        for line in ratios(res):
+        for line in ratios(res) + machine_use(res):
             w.append(f"- {line}")
         for line in c.get("skipped", []):
             w.append(f"- {line}")
@@ -145,3 +176,25 @@ def section(res: dict) -> str:
     if res.get("failures"):
         w += ["Failures: " + "; ".join(res["failures"][:10]), ""]
     return "\n".join(w) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 -m loadtest.realreport realbench-NAME.json [--out FILE.md]``: the section again from the figures."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python3 -m loadtest.realreport", description=main.__doc__)
+    p.add_argument("json")
+    p.add_argument("--out", help="write here (default: print)")
+    a = p.parse_args(argv)
+    md = section(json.loads(Path(a.json).read_text()))
+    if a.out:
+        Path(a.out).write_text(md)
+    else:
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

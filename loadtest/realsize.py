@@ -192,7 +192,8 @@ def default_path(name: str) -> Path:
 def make(name: str, out: str | Path | None = None, images: int | None = None, force: bool = False,
          log=print) -> Path:
     """The calibrated speed-only checkpoint of ``name`` at ``out`` (default
-    :func:`default_path`), made unless the file is there (``force``: remade).
+    :func:`default_path`), made unless a file made from the same arguments is
+    there (``force``: remade).
     ``images``: calibration images (default :data:`CALIBRATION_IMAGES` by size).
 
     Raises:
@@ -200,7 +201,13 @@ def make(name: str, out: str | Path | None = None, images: int | None = None, fo
     """
     path = Path(out) if out else default_path(name)
     if path.is_file() and not force:
-        return path
+        try:
+            d = describe(path)
+            if d["official_args"] == official_args(name) and d["logit_max"] == LOGIT_MAX:
+                return path
+            log(f"{path} was made from other arguments ({d['official_args']}); remaking it")
+        except Exception as exc:  # noqa: BLE001 - unreadable or foreign: remade
+            log(f"{path} is not a usable checkpoint ({exc}); remaking it")
     t0 = time.perf_counter()
     ck = build_network(name)
     n = images or CALIBRATION_IMAGES["ImageNet" if ck.config.stem == "imagenet" else "cifar"]
@@ -214,14 +221,19 @@ def make(name: str, out: str | Path | None = None, images: int | None = None, fo
 
 def describe(path: str | Path) -> dict:
     """Name, official arguments and per-exit costs of a saved checkpoint:
-    ``{"name", "official_args", "speed_only", "exits": [{"exit", "flops", "flops_lazy",
-    "flops_official", "params"}]}`` (FLOPs as multiply-accumulates, cumulative)."""
+    ``{"name", "official_args", "speed_only", "logit_max", "exits": [{"exit", "flops",
+    "flops_lazy", "flops_official", "params"}]}`` (FLOPs as multiply-accumulates, cumulative).
+
+    Raises:
+        model.checkpoint.CheckpointError: an unreadable or foreign file.
+    """
     from model.checkpoint import load
 
     ck = load(path)
     card = ck.meta.get("card", {})
     return {"name": card.get("name"), "official_args": card.get("official_args"),
-            "speed_only": bool(card.get("speed_only")), "exits": ck.meta["costs"]}
+            "speed_only": bool(card.get("speed_only")), "logit_max": card.get("logit_max"),
+            "exits": ck.meta["costs"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,6 +153,15 @@ def test_made_checkpoint_is_calibrated_at_40_percent(cifar):
     assert d["name"] == "cifar100-7" and d["speed_only"] and len(d["exits"]) == 7
 
 
+def test_make_cli_prints_per_exit_flops_of_the_cached_file(cifar, capsys):
+    assert realsize.main(["make", "cifar100-7", "--out", str(cifar), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["path"] == str(cifar) and d["official_args"] == realsize.CONFIGS["cifar100-7"]
+    assert [round(e["flops_lazy"] / 1e6, 1) for e in d["exits"]] == LAZY_MFLOPS["cifar100-7"]
+    assert [e["flops_official"] / 1e6 for e in d["exits"]] == pytest.approx(
+        [float(x) for x in OFFICIAL_MFLOPS["cifar100-7"]], abs=0.005)
+
+
 def test_samples_for_a_real_size_checkpoint_are_speed_only(cifar, tmp_path):
     samples, source = samples_for(cifar, limit=10)
     assert len(samples) == 10 and "speed-only" in source

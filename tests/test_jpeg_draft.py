@@ -1,5 +1,5 @@
-"""JPEG draft mode (issue 22): a JPEG at least twice the resize target decodes at a
-reduced scale first; the tensor stays within a few grey levels of the full decode;
+"""JPEG draft mode (issue 22): a JPEG at least four times the resize target decodes at a
+reduced scale (keeping twice the target) first; the tensor stays within a few grey levels of the full decode;
 smaller JPEGs and other formats are decoded exactly as before."""
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ def grey_levels(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_a_large_jpeg_decodes_in_draft_mode_within_a_few_grey_levels():
-    data = photo(2048, 1536)  # shorter side 1536 >= 2 x 256: libjpeg decodes at 1/4 (512x384)
+    data = photo(2048, 1536)  # at least 4 x (341, 256): libjpeg decodes at 1/2 (1024x768), keeping >= 2 x the target
     drafted, full = decode(data, IMAGENET, 1 << 24), decode(data, IMAGENET, 1 << 24, draft=False)
     assert drafted.shape == full.shape == (3, 224, 224)
     # it is the draft decode, not the full one: equal to Pillow's reduced decode + the same preprocessing
     with Image.open(io.BytesIO(data)) as img:
-        img.draft("RGB", (341, 256))
-        assert img.size == (512, 384)
+        img.draft("RGB", (682, 512))
+        assert img.size == (1024, 768)
         by_hand = preprocess(img.convert("RGB"), IMAGENET)
     np.testing.assert_array_equal(drafted, by_hand)
     diff = grey_levels(drafted, full)
@@ -57,9 +57,9 @@ def test_a_large_jpeg_decodes_in_draft_mode_within_a_few_grey_levels():
     assert diff.max() <= 8 and diff.mean() <= 1.0, (diff.max(), diff.mean())
 
 
-@pytest.mark.parametrize("size,fmt", [((600, 450), "JPEG"), ((2048, 1536), "PNG")])
+@pytest.mark.parametrize("size,fmt", [((600, 450), "JPEG"), ((1300, 1000), "JPEG"), ((2048, 1536), "PNG")])
 def test_small_jpegs_and_other_formats_decode_in_full(size, fmt):
-    data = photo(*size, fmt=fmt)  # 600x450: under twice the target (682x512), no reduction
+    data = photo(*size, fmt=fmt)  # 600x450: under four times the target (1364x1024), no reduction
     np.testing.assert_array_equal(decode(data, IMAGENET, 1 << 24), decode(data, IMAGENET, 1 << 24, draft=False))
 
 
@@ -71,3 +71,17 @@ def test_draft_mode_keeps_the_exif_orientation():
     with Image.open(io.BytesIO(data)) as img:
         upright = preprocess(ImageOps.exif_transpose(img).convert("RGB"), IMAGENET)
     np.testing.assert_array_equal(full, upright)
+
+
+def test_a_cifar_contract_keeps_twice_its_target():
+    """500x375 for 32x32 (exact rule): 1/4 scale (125x94), not 1/8 (63x47), which gave up to 38 grey levels."""
+    cifar = OFFICIAL_TRANSFORMS["cifar100"]
+    std = np.asarray(cifar.std, dtype=np.float32).reshape(3, 1, 1)
+    data = photo(500, 375)
+    drafted, full = decode(data, cifar, 1 << 24), decode(data, cifar, 1 << 24, draft=False)
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (64, 64))
+        assert img.size == (125, 94)
+        np.testing.assert_array_equal(drafted, preprocess(img.convert("RGB"), cifar))
+    diff = np.abs(drafted - full) * std * 255
+    assert 0 < diff.max() <= 12 and diff.mean() <= 1.0, (diff.max(), diff.mean())

@@ -60,10 +60,11 @@ bench-smoke:
 # build/realsize/), or CHECKPOINT=FILE for any checkpoint. Capacity grid against LitServe and Ray Serve (whole
 # network in ONNX Runtime and in torch eager), per-block GMAC/s, decode cost, peak RSS; about 30-40 min per size.
 SIZE ?= cifar100-7
-REAL_OUT ?= build/bench-real
+REAL_OUT ?= docs
 REAL_ARGS ?=
-bench-real:  ## real-size benchmark: make bench-real SIZE=cifar100-7|imagenet-5 (or CHECKPOINT=FILE); $(REAL_OUT)/REALBENCH-*.md
+bench-real:  ## real-size benchmark: make bench-real SIZE=cifar100-7|imagenet-5 (or CHECKPOINT=FILE), ~30 min; into $(REAL_OUT)/BENCHMARKS.md
 	$(PYTHON) -m loadtest.realbench $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),--size $(SIZE)) --out $(REAL_OUT) $(REAL_ARGS)
+	$(PYTHON) -m loadtest.realreport --docs $(REAL_OUT)
 
 bench-real-smoke:  ## the real-size path end to end on the CIFAR size, in well under a minute (after the first make)
 	$(PYTHON) -m loadtest.realbench --size cifar100-7 --out /tmp/msdnet-bench-real-smoke --smoke

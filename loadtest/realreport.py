@@ -178,16 +178,54 @@ def section(res: dict) -> str:
     return "\n".join(w) + "\n"
 
 
+MARKER = "<!-- real sizes: rendered by python3 -m loadtest.realreport --docs DIR from DIR/realbench-*.json -->"
+
+
+def docs_part(folder) -> str:
+    """The real-size part of ``folder/BENCHMARKS.md``: a heading, then :func:`section` of every
+    ``folder/realbench-*.json`` (by name); "" when there is none."""
+    import json
+    from pathlib import Path
+
+    files = sorted(Path(folder).glob("realbench-*.json"))
+    if not files:
+        return ""
+    head = ["", MARKER, "", "# Real sizes (issue 22)", "",
+            "The paper's networks at their real sizes, made from the official arguments with random weights "
+            "(speed-only: `loadtest/realsize.py`), one `make bench-real` run per size; what the figures mean and "
+            "where the CPU goes: `docs/REALSIZES.md`.", ""]
+    return "\n".join(head) + "\n" + "\n".join(section(json.loads(f.read_text())) for f in files)
+
+
+def merge_into(benchmarks, folder) -> None:
+    """Replace the real-size part of the file ``benchmarks`` (from :data:`MARKER` on, or append)
+    with :func:`docs_part` of ``folder``."""
+    from pathlib import Path
+
+    path = Path(benchmarks)
+    text = path.read_text() if path.exists() else ""
+    if MARKER in text:
+        text = text[:text.index(MARKER)].rstrip("\n") + "\n"
+    path.write_text(text + docs_part(folder))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python3 -m loadtest.realreport realbench-NAME.json [--out FILE.md]``: the section again from the figures."""
+    """``python3 -m loadtest.realreport realbench-NAME.json [--out FILE.md]``: the section again from the figures;
+    ``--docs DIR``: every DIR/realbench-*.json into DIR/BENCHMARKS.md (its real-size part)."""
     import argparse
     import json
     from pathlib import Path
 
     p = argparse.ArgumentParser(prog="python3 -m loadtest.realreport", description=main.__doc__)
-    p.add_argument("json")
+    p.add_argument("json", nargs="?")
     p.add_argument("--out", help="write here (default: print)")
+    p.add_argument("--docs", help="folder holding BENCHMARKS.md and realbench-*.json")
     a = p.parse_args(argv)
+    if a.docs:
+        merge_into(Path(a.docs) / "BENCHMARKS.md", a.docs)
+        return 0
+    if not a.json:
+        p.error("a realbench JSON file, or --docs DIR")
     md = section(json.loads(Path(a.json).read_text()))
     if a.out:
         Path(a.out).write_text(md)

@@ -236,6 +236,23 @@ def describe(path: str | Path) -> dict:
             "exits": ck.meta["costs"]}
 
 
+def parity(name: str, seed: int = 0) -> dict:
+    """Build ``name`` (random weights, logits scaled to :data:`LOGIT_MAX`) and the server's
+    ONNX Runtime backend with its parity check, as ``msdnet serve`` does at start:
+    ``{"name", "ok", "error", "relative", "absolute", "probability", "largest_logit"}``
+    (the worst figures over all exits; ``error`` the refusal's message, else None)."""
+    from server.engine.backends import BackendError, OrtBackend
+
+    ck = build_network(name, seed)
+    top = max(float(z.abs().max()) for z in exit_logits(ck.model, random_inputs(ck.model.cfg, 3, 0)))
+    try:
+        fig = OrtBackend(ck.model, threads=1).parity
+    except BackendError as exc:
+        return {"name": name, "ok": False, "error": str(exc), "largest_logit": top}
+    return {"name": name, "ok": fig.ok, "error": None, "relative": fig.relative, "absolute": fig.absolute,
+            "probability": fig.probability, "largest_logit": top}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m loadtest.realsize", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -246,7 +263,21 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--force", action="store_true", help="remake even if the file exists")
     m.add_argument("--json", action="store_true")
     sub.add_parser("list", help="the configuration names and their official arguments")
+    pa = sub.add_parser("parity", help="the server's ONNX Runtime parity check on each named network (random "
+                        "weights, logits scaled to 40): does it start?")
+    pa.add_argument("names", nargs="*", help=f"default: all of {', '.join(CONFIGS)}")
     a = p.parse_args(argv)
+    if a.cmd == "parity":
+        for n in a.names:
+            official_args(n)  # an unknown name: KeyError listing the known ones
+        results = [parity(n) for n in (a.names or list(CONFIGS))]
+        for r in results:
+            figures = ("refused: " + r["error"]) if r["error"] else (
+                f"logits within {r['relative']:.2g} of the largest ({r['absolute']:.2g} absolute), "
+                f"probabilities within {r['probability']:.2g}")
+            print(f"{r['name']:20s} largest logit {r['largest_logit']:7.1f}  {'starts' if r['ok'] else 'REFUSED'}: "
+                  f"{figures}")
+        return 0 if all(r["ok"] for r in results) else 1
     if a.cmd == "list":
         for k, v in CONFIGS.items():
             print(f"{k:20s} {v}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import os
+import secrets
 import struct
 
 import numpy as np
@@ -10,10 +12,23 @@ import pytest
 import torch
 
 from model.config import MSDNetConfig
+from tests import leftovers
 
 TINY = dict(n_blocks=3, base=1, step=1, step_mode="even", n_channels=4, growth_rate=4, gr_factor=[1, 2, 2],
             bn_factor=[1, 1, 2], prune="max", reduction=0.5, bottleneck=True, stem="cifar", in_channels=1,
             num_classes=10, image_size=28, classifier_channels=8)
+
+
+def pytest_configure(config):
+    # Every process the run starts inherits this mark; at the end none may be alive (tests/leftovers.py).
+    os.environ.setdefault(leftovers.MARK, secrets.token_hex(8))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    left = leftovers.collect(os.environ[leftovers.MARK])
+    if left:
+        print("\nprocesses left behind by the test run (now killed):\n  " + "\n  ".join(left))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

@@ -250,7 +250,8 @@ def test_compose_services(compose):
     assert set(env) <= settings(), set(env) - settings()
     assert env["MSDNET_REDIS_URL"] == "redis://redis:6379/0"
     assert float(env["MSDNET_TARGET_FLOPS"]) > 0
-    assert int(env["MSDNET_TORCH_THREADS"]) == float(server["cpus"])
+    assert not {"MSDNET_TORCH_THREADS", "MSDNET_MODEL_THREADS", "MSDNET_WORKERS"} & set(env)  # sized from cpus
+    assert float(server["cpus"]) == int(server["cpus"]), "whole cores"
     grace = int(re.fullmatch(r"(\d+)s", server["stop_grace_period"]).group(1))
     assert grace > float(env["MSDNET_DRAIN_TIMEOUT_S"]), "SIGKILL would cut the drain short"
     assert s["redis"]["image"] == "redis:7-alpine"
@@ -577,18 +578,14 @@ def cpu_cores(quantity: str) -> float:
     return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
 
 
-def test_torch_threads_equal_the_cpu_limit():
+def test_threads_follow_the_cpu_limit():
+    """No thread setting pinned: the server sizes workers and engine threads from the CPU limit
+    it reads (cgroup cpu.max, server.settings.usable_cpus) and the checkpoint's cost."""
     c = server_container()
     limit = cpu_cores(str(c["resources"]["limits"]["cpu"]))
-    env = {e["name"]: e for e in c["env"]}["MSDNET_TORCH_THREADS"]
-    if "value" in env:
-        assert int(env["value"]) == limit
-    else:
-        ref = env["valueFrom"]["resourceFieldRef"]
-        assert ref["resource"] == "limits.cpu" and ref.get("containerName") == c["name"]
-        assert cpu_cores(str(ref.get("divisor", "1"))) == 1
-        # resourceFieldRef rounds up: 1500m would give 2 threads on 1.5 cores.
-        assert limit == int(limit), "keep the CPU limit whole cores"
+    names = {e["name"] for e in c["env"]}
+    assert not {"MSDNET_TORCH_THREADS", "MSDNET_MODEL_THREADS", "MSDNET_WORKERS"} & names
+    assert limit == int(limit), "keep the CPU limit whole cores (a quota of 1.5 rounds to 2 threads)"
     assert c["resources"]["requests"] == c["resources"]["limits"], "Guaranteed QoS"
 
 
@@ -690,7 +687,9 @@ def test_inferenceservice_is_a_custom_v2_predictor(isvc, docker_stages):
     assert c["resources"]["requests"] == c["resources"]["limits"]
     env = {e["name"]: e["value"] for e in c["env"]}
     assert set(env) <= settings(), set(env) - settings()
-    assert int(env["MSDNET_TORCH_THREADS"]) == cpu_cores(str(c["resources"]["limits"]["cpu"]))
+    assert not {"MSDNET_TORCH_THREADS", "MSDNET_MODEL_THREADS", "MSDNET_WORKERS"} & set(env)  # sized from the limit
+    limit = cpu_cores(str(c["resources"]["limits"]["cpu"]))
+    assert limit == int(limit), "whole cores"
     pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
     assert pred["terminationGracePeriodSeconds"] > float(pre_stop[1]) + float(env["MSDNET_DRAIN_TIMEOUT_S"])
     user = [a for i, a in docker_stages[-1] if i == "USER"][-1].split(":")[0]

@@ -107,7 +107,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         TimedHTTPProtocol.configure(settings.receive_timeout_s, settings.max_pending_connections)
         if settings.engine_address:  # one of `msdnet serve --workers N`: the model is in the engine process
             from ..ipc.client import EngineClient
+            from ..lifeline import follow_parent
 
+            follow_parent(grace_s=settings.drain_timeout_s + 5)  # the CLI killed (SIGKILL): drain and stop
             service = EngineClient(settings.engine_address, settings)
             # The engine answers before the workers start (the CLI waits for it): silence
             # means it is gone, and this worker's startup fails rather than hang.

@@ -25,6 +25,7 @@ from model.transforms import InputContract
 
 from ..images import decode as decode_image
 from ..images import pixel_count
+from ..lifeline import follow_parent
 
 SMALL_BODY_BYTES = 16 * 1024  # zlib's ~1000:1 bound: under this, at most ~16 MB of pixels
 LARGE_PIXELS = 1 << 20
@@ -35,11 +36,13 @@ _pool_lock = threading.Lock()
 last_large: tuple[int, int] | None = None  # (pid, nice) of the last large decode: for tests and debugging
 
 
-def _lower_priority() -> None:
+def _start_child() -> None:
+    """The decoding process's start: low priority, and gone with its HTTP process."""
     try:
         os.setpriority(os.PRIO_PROCESS, 0, LARGE_NICE)
     except OSError:
         pass  # still a separate process, still off the event loop
+    follow_parent(on_orphan=lambda: os._exit(0))  # holds no request of its own: nothing to drain
 
 
 def _large_pool() -> ProcessPoolExecutor:
@@ -47,7 +50,7 @@ def _large_pool() -> ProcessPoolExecutor:
     with _pool_lock:
         if _pool is None:
             _pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_lower_priority)
+                                        initializer=_start_child)
         return _pool
 
 

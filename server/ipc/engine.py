@@ -18,6 +18,7 @@ import signal
 import threading
 
 from .. import errors
+from ..lifeline import follow_parent
 from ..service import Service
 from ..settings import Settings
 from . import wire
@@ -169,6 +170,7 @@ def run(settings: Settings, address: str, ready: threading.Event | None = None) 
     from .. import logs
 
     logs.configure(settings.log_level)
+    follow_parent(grace_s=settings.drain_timeout_s + 5)  # the CLI killed (SIGKILL): stop, do not serve on as an orphan
     try:
         checkpoint = load(settings.checkpoint, calibrated=True)
     except CheckpointError as exc:  # one line and status 2, as `msdnet serve` gives in one process

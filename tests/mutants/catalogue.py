@@ -319,4 +319,21 @@ MUTANTS = [
            '"curve": [o.to_dict() for o in curve],',
            ("tests/test_calibration_values.py::test_calibrate_stores_that_curve_in_the_checkpoint",),
            "calibration stores every point of the grid, dominated and equal-cost ones included"),
+
+    # ---- issue 22: real sizes (parity relative to the logits, model threads, JPEG draft) ------------------------
+    Mutant("parity-absolute", "server/engine/parity.py",
+           "    relative = absolute / max(scale, PARITY_FLOOR / PARITY_RTOL)",
+           "    relative = absolute", ("tests/test_backends.py",),
+           "the parity rule is absolute again: a confident network's correct export is refused"),
+    Mutant("runner-one-thread", "server/engine/runner.py",
+           "for i in range(1, self.model_threads)]", "for i in range(1, 1)]",
+           ("tests/test_runner_threads.py::test_two_model_threads_run_two_steps_at_once",),
+           "MSDNET_MODEL_THREADS is ignored: one model thread runs every step"),
+    Mutant("draft-no-gap", "server/images.py", "img.draft(img.mode, (DRAFT_GAP * tw, DRAFT_GAP * th))",
+           "img.draft(img.mode, (tw, th))", ("tests/test_jpeg_draft.py",),
+           "JPEG draft mode reduces to just the resize target (up to 38 grey levels off at the CIFAR contract)"),
+    # ---- issue 25, goal 6: processes die with their parent ------------------------------------------------------
+    Mutant("lifeline-off", "server/lifeline.py", "    thread.start()\n    return thread",
+           "    return thread", ("tests/test_lifeline.py::test_follow_parent_stops_an_orphan",),
+           "children never watch their parent: after kill -9 of msdnet serve they serve on as orphans"),
 ]

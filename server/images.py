@@ -29,13 +29,14 @@ model's is a bilinear resize to 28 x 28 (aspect ratio not kept).
 
 JPEG draft mode (``draft=True``, the default; ``MSDNET_JPEG_DRAFT``): libjpeg
 decodes a large JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling), the largest
-reduction that keeps it at least twice the contract's resize target (Pillow's
-``thumbnail`` keeps the same reducing gap of 2), then it is resized as usual.
-Measured (issue 22, ``python3 -m loadtest.decodecost``): a 4000x3000 photo at the
-ImageNet contract 155 -> 46 ms CPU, within 3 grey levels (mean 0.20) of the full
-decode; a 500x375 photo at the CIFAR contract (32x32) 1.7 -> 0.9 ms, within 8
-(mean 0.46). A reduction to just the target (no gap) gave up to 38 grey levels
-there. JPEGs under four times the target and other formats decode in full.
+reduction that keeps it at least twice the contract's resize target and at least
+256 pixels on each side, then it is resized as usual. Measured (issue 22,
+generated noisy photos, max / mean difference of the network's input in 8-bit
+grey levels): a 4000x3000 photo at the ImageNet contract 155 -> 46 ms CPU, 3 /
+0.04; at the CIFAR contract (32x32) 184 -> 39 ms, 2 / 0.03. Keeping only twice a
+32-pixel target (a 500x375 photo reduced to 125x94) differed by up to 26 grey
+levels: libjpeg's scaled IDCT filters worse than Pillow's resampling, so the
+reduced image must stay large. Other JPEGs and other formats decode in full.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
-DRAFT_GAP = 2  # the reduced JPEG stays at least this many times the resize target
+DRAFT_GAP = 2  # the reduced JPEG stays at least this many times the resize target...
+DRAFT_MIN_SIDE = 256  # ...and at least this many pixels on each side (module docstring)
 
 
 def _draft(img: Image.Image, contract: InputContract) -> None:
@@ -124,7 +126,7 @@ def _draft(img: Image.Image, contract: InputContract) -> None:
     if FORMAT_ALIASES.get(img.format, img.format) != "JPEG":
         return
     tw, th = resized_size(img.width, img.height, contract.resize_rule, contract.resize_size)
-    img.draft(img.mode, (DRAFT_GAP * tw, DRAFT_GAP * th))
+    img.draft(img.mode, (max(DRAFT_GAP * tw, DRAFT_MIN_SIDE), max(DRAFT_GAP * th, DRAFT_MIN_SIDE)))
 
 
 def decode(data: bytes, contract: InputContract, max_pixels: int, draft: bool = True) -> np.ndarray:

@@ -73,9 +73,9 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(1024, ge=1, description="Images held at once; more get 503.")
     max_batch_images: int = Field(256, ge=1, description="Images per /batch request.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Request body limit; more get 413.")
-    jpeg_draft: bool = Field(True, description="Decode a JPEG at least four times the input contract's resize "
-                             "target at 1/2, 1/4 or 1/8 scale first, keeping twice the target (libjpeg DCT scaling): "
-                             "a 12-megapixel photo costs a third of the CPU, pixels within a few grey levels.")
+    jpeg_draft: bool = Field(True, description="Decode a large JPEG at 1/2, 1/4 or 1/8 scale first, keeping twice "
+                             "the input contract's resize target and 256 pixels a side (libjpeg DCT scaling): a "
+                             "12-megapixel photo costs a third to a quarter of the CPU, within 3 grey levels.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Width x height limit per image; more get 413.")
     receive_timeout_s: float = Field(30.0, gt=0, description="Time a client has to send a request's headers "
                                      "(from connection open or the previous response) and, again, its body "

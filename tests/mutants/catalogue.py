@@ -329,9 +329,10 @@ MUTANTS = [
            "for i in range(1, self.model_threads)]", "for i in range(1, 1)]",
            ("tests/test_runner_threads.py::test_two_model_threads_run_two_steps_at_once",),
            "MSDNET_MODEL_THREADS is ignored: one model thread runs every step"),
-    Mutant("draft-no-gap", "server/images.py", "img.draft(img.mode, (DRAFT_GAP * tw, DRAFT_GAP * th))",
-           "img.draft(img.mode, (tw, th))", ("tests/test_jpeg_draft.py",),
-           "JPEG draft mode reduces to just the resize target (up to 38 grey levels off at the CIFAR contract)"),
+    Mutant("draft-no-floor", "server/images.py",
+           "img.draft(img.mode, (max(DRAFT_GAP * tw, DRAFT_MIN_SIDE), max(DRAFT_GAP * th, DRAFT_MIN_SIDE)))",
+           "img.draft(img.mode, (DRAFT_GAP * tw, DRAFT_GAP * th))", ("tests/test_jpeg_draft.py",),
+           "JPEG draft mode keeps only twice a small target (up to 26 grey levels off at the CIFAR contract)"),
     # ---- issue 25, goal 6: processes die with their parent ------------------------------------------------------
     Mutant("lifeline-off", "server/lifeline.py", "    thread.start()\n    return thread",
            "    return thread", ("tests/test_lifeline.py::test_follow_parent_stops_an_orphan",),

@@ -193,7 +193,8 @@ def load(path: str | Path = DEFAULT_CHECKPOINT, calibrated: bool = False) -> Che
                               f"{cfg.image_size}x{cfg.image_size}")
     cal = data.get("calibration")
     if cal is None and calibrated:
-        raise CheckpointError(f"{path} is not calibrated: run 'msdnet calibrate --checkpoint {path}' first")
+        raise CheckpointError(f"{path} is not calibrated: run 'msdnet calibrate --checkpoint {path} --data folder "
+                              "--data-dir DIR' (held-out images in DIR/val/<class>/) first")
     if cal is not None:
         try:
             typed = Calibration.from_dict(cal)

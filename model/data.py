@@ -166,10 +166,11 @@ def load_folder(root: str | Path, split: str, image_size: int, channels: int, *,
              if contract is None or path.suffix.lower() in IMAGE_SUFFIXES]
     xs, ys = [], []
     for path, label in tqdm(files, desc=f"reading {base}", unit="img", disable=not progress):
-        with Image.open(path) as img:
-            if contract is not None:
-                from .transforms import geometry, to_contract_mode
+        with Image.open(path) as stored:
+            from .transforms import geometry, to_contract_mode, upright
 
+            img = upright(stored)  # as the server does: a phone photo's EXIF rotation applied
+            if contract is not None:
                 xs.append(geometry(to_contract_mode(img, contract), contract))
             else:
                 img = img.convert("L" if channels == 1 else "RGB").resize((image_size, image_size), Image.BILINEAR)

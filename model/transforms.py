@@ -31,8 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
+# Bound on the resized image (before the crop): 4x the server's default pixel limit.
+MAX_RESIZED_PIXELS = 1 << 26
 INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
                   "lanczos": Image.LANCZOS}
 RESIZE_RULES = ("exact", "shorter")
@@ -141,6 +143,24 @@ def resized_size(width: int, height: int, rule: str, size: int) -> tuple[int, in
     return int(size * width / height), size
 
 
+def resized_pixels(width: int, height: int, contract: InputContract) -> int:
+    """Pixels of the image after the contract's resize (before the crop): what resizing
+    materialises. A thin picture under the shorter-side rule grows enormous (100000 x 1 ->
+    25,600,000 x 256), so callers bound this, not only the stored size."""
+    w, h = resized_size(width, height, contract.resize_rule, contract.resize_size)
+    return w * h
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: its EXIF orientation tag (2-8) applied; a
+    missing, invalid or corrupt tag leaves it as stored. Used by the server and by
+    calibration/evaluation on image folders alike."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - Pillow raises many types on malformed EXIF data
+        return img
+
+
 def center_crop(a: np.ndarray, size: int) -> np.ndarray:
     """(H, W[, C]) -> (size, size[, C]): torchvision's ``CenterCrop`` (zero padding
     first when a side is smaller than ``size``)."""
@@ -170,10 +190,14 @@ def geometry(img: Image.Image, contract: InputContract) -> np.ndarray:
     """Resize and crop: a mode "L" or "RGB" image -> uint8 (C, image_size, image_size).
 
     Raises:
-        ValueError: when the image's mode is not the contract's.
+        ValueError: when the image's mode is not the contract's, or its resize would exceed
+            ``MAX_RESIZED_PIXELS`` (:func:`resized_pixels`).
     """
     if img.mode != contract.mode:
         raise ValueError(f"image mode {img.mode!r}, the contract needs {contract.mode!r}")
+    if resized_pixels(img.width, img.height, contract) > MAX_RESIZED_PIXELS:
+        raise ValueError(f"a {img.width}x{img.height} image would be {resized_pixels(img.width, img.height, contract)}"
+                         f" pixels after the resize rule ({contract.describe()}): aspect ratio too extreme")
     target = resized_size(img.width, img.height, contract.resize_rule, contract.resize_size)
     if img.size != target:
         img = img.resize(target, INTERPOLATIONS[contract.interpolation])

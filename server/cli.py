@@ -36,7 +36,8 @@ def cmd_serve(args) -> int:
     try:  # fail before binding the port, with a one-line message
         if load_checkpoint(settings.checkpoint).calibration is None:
             raise CheckpointError(f"{settings.checkpoint} is not calibrated: run 'msdnet calibrate --checkpoint "
-                                  f"{settings.checkpoint}' first")
+                                  f"{settings.checkpoint} --data folder --data-dir DIR' (held-out images in "
+                                  "DIR/val/<class>/) first")
     except CheckpointError as exc:
         print(f"msdnet serve: error: {exc}", file=sys.stderr)
         return 2

@@ -45,9 +45,9 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from model.transforms import InputContract, preprocess, resized_size
+from model.transforms import InputContract, preprocess, resized_pixels, resized_size, upright
 
 from .errors import BadImage, TooLarge, UnsupportedMedia
 
@@ -107,14 +107,6 @@ def _to_8bit(img: Image.Image, background: int) -> Image.Image:
     return Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
 
 
-def _upright(img: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation tag; a corrupt EXIF block leaves the image as stored."""
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # Pillow raises many types on malformed EXIF data
-        return img
-
-
 DRAFT_GAP = 2  # the reduced JPEG stays at least this many times the resize target...
 DRAFT_MIN_SIDE = 256  # ...and at least this many pixels on each side (module docstring)
 
@@ -166,11 +158,15 @@ def decode(data: bytes, contract: InputContract, max_pixels: int, draft: bool = 
                            max_pixels=max_pixels)
         if w < 1 or h < 1:
             raise BadImage(f"image has no pixels ({w}x{h})", supported_formats=supported)
+        resized = resized_pixels(w, h, contract)
+        if resized > max_pixels:  # a thin picture under the shorter-side rule: 100000x1 -> 25,600,000x256
+            raise TooLarge(f"image is {w}x{h}: the input's resize rule ({contract.describe()}) would make it "
+                           f"{resized} pixels, over the pixel limit of {max_pixels}", max_pixels=max_pixels)
         try:
             if draft:
                 _draft(img, contract)
             img.load()
-            img = _upright(img)
+            img = upright(img)
             img = _to_8bit(img, contract.background)
             img = img.convert(contract.mode)
             return preprocess(img, contract)  # the checkpoint's resize, crop and normalisation

@@ -129,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sample = Path(__file__).resolve().parent.parent / "samples" / "shirt.png"
         with contextlib.suppress(OSError, errors.ServiceError):
             await run_in_threadpool(decoding.decode, service, sample.read_bytes())
+        await run_in_threadpool(decoding.prestart)  # the large-image process, before the first large image
         gc.collect()  # what start-up loaded lives for good: keep full GC passes short (the engine does the same)
         gc.freeze()
         log.info("serving %s: %d exits (%s)", settings.checkpoint, service.num_exits,

@@ -80,6 +80,17 @@ def decode(service, data: bytes) -> np.ndarray:
     return out
 
 
+def _ready() -> int:
+    return os.getpid()
+
+
+def prestart() -> int:
+    """Start the decoding process now and wait until it runs (its PID). Called at start-up:
+    started on the first large image instead, the spawn (~1 s: a fresh interpreter importing
+    numpy and Pillow) made that request miss a deadline of 150 ms (issue 22's new-user trial)."""
+    return _large_pool().submit(_ready).result()
+
+
 def shutdown() -> None:
     """Stop the decoding process (the app's lifespan calls this on exit)."""
     global _pool

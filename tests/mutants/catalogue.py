@@ -279,7 +279,7 @@ MUTANTS = [
            "if False:", (R + "test_overflowing_input_is_422_non_finite_and_charges_nothing",
                          R + "test_overflowing_input_in_a_budgeted_batch_is_refused_too"),
            "a non-finite network output is answered instead of refused (422)"),
-    Mutant("img-exif-skipped", "server/images.py", "            img = _upright(img)\n", "",
+    Mutant("img-exif-skipped", "server/images.py", "            img = upright(img)\n", "",
            (R + "test_exif_orientation_is_applied",), "the EXIF orientation tag is ignored"),
     Mutant("img-trns-ignored", "server/images.py", 'transparent = img.info.get("transparency")',
            "transparent = None", IMG + (R + "test_transparency_has_one_rule_for_every_mode",),

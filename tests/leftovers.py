@@ -12,8 +12,15 @@ from pathlib import Path
 MARK = "MSDNET_TEST_RUN"
 
 
+def _own_resource_tracker(d: Path, ppid: int) -> bool:
+    """multiprocessing's resource tracker of this very process: it ends when this process does
+    (its pipe closes), so it is alive at the end of any run that used a process pool in-process."""
+    return ppid == os.getpid() and b"multiprocessing.resource_tracker" in (d / "cmdline").read_bytes()
+
+
 def marked(token: str) -> list[int]:
-    """Live (not zombie) processes other than this one whose environment carries ``MARK=token``."""
+    """Live (not zombie) processes other than this one (and its own resource tracker) whose
+    environment carries ``MARK=token``."""
     needle = f"{MARK}={token}".encode()
     found = []
     for d in Path("/proc").iterdir():
@@ -22,11 +29,12 @@ def marked(token: str) -> list[int]:
         try:
             if needle not in (d / "environ").read_bytes().split(b"\0"):
                 continue
-            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] == "Z" or _own_resource_tracker(d, int(fields[1])):
+                continue
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        if state != "Z":
-            found.append(int(d.name))
+        found.append(int(d.name))
     return found
 
 

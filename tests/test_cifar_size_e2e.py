@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from loadtest.harness import ServerProcess, serve_command
+from loadtest.realsize import official_args
 from model import checkpoint as ckpt
 from model.network import MSDNet
 from model.official import config_from_official, parse_official_args, to_official
@@ -27,8 +28,7 @@ from model.transforms import preprocess
 
 pytestmark = pytest.mark.integration
 
-ARGS = ("--data cifar100 --nBlocks 7 --stepmode even --step 2 --base 4 --nChannels 16 --growthRate 6 "
-        "--grFactor 1-2-4 --bnFactor 1-2-4")
+ARGS = official_args("cifar100-7")
 LAST_EXIT_LAZY_FLOPS = 75_487_744  # lazy; ../shared/reference/msdnet_costs.md: 75.94 M by the official counter
 
 

@@ -66,13 +66,12 @@ def compare_logits(ref: Tensor, got: Tensor) -> ParityFigures:
         raise ValueError(f"logit shapes differ: {tuple(ref.shape)} and {tuple(got.shape)}")
     ref, got = ref.double(), got.double()
     absolute = float((ref - got).abs().max())
-    scale = float(ref.abs().max())
-    relative = absolute / max(scale, PARITY_FLOOR / PARITY_RTOL)
+    scale = max(float(ref.abs().max()), PARITY_FLOOR / PARITY_RTOL)
     if not (absolute == absolute and scale == scale):  # NaN anywhere
         return ParityFigures(float("nan"), float("nan"), float("nan"), 0)
     probability = float((ref.softmax(1) - got.softmax(1)).abs().max())
-    allowed = PARITY_RTOL * max(scale, PARITY_FLOOR / PARITY_RTOL)
+    allowed = PARITY_RTOL * scale
     top2 = ref.topk(min(2, ref.shape[1]), dim=1).values
     clear = (top2[:, 0] - top2[:, -1]) > 2 * allowed if ref.shape[1] > 1 else torch.ones(len(ref), dtype=torch.bool)
     mismatches = int(((ref.argmax(1) != got.argmax(1)) & clear).sum())
-    return ParityFigures(relative, absolute, probability, mismatches)
+    return ParityFigures(absolute / scale, absolute, probability, mismatches)

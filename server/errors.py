@@ -90,6 +90,14 @@ class Overloaded(ServiceError):
     status, code, reason = 503, "overloaded", "queue_full"
 
 
+class Saturated(Overloaded):
+    """The latency objective cannot be kept even with every image leaving at exit 1
+    (or a request's own deadline cannot be, at the forecast queueing delay):
+    refused at once, before decoding; ``Retry-After`` says when to retry."""
+
+    status, code, reason = 503, "saturated", "objective"
+
+
 class NotReady(ServiceError):
     status, code = 503, "not_ready"
 

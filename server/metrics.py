@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 MODEL_INFO_LABELS = ("checkpoint", "num_exits", "classes", "image_size", "exit_flops")
 REJECT_REASONS = ("queue_full", "deadline", "bad_request", "unsupported_media", "too_large",
-                  "invalid_parameter", "budget_too_small", "timeout", "non_finite_output")
+                  "invalid_parameter", "budget_too_small", "timeout", "non_finite_output", "objective")
+OBJECTIVE_STATES = ("steady", "degraded", "refusing")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -66,6 +67,28 @@ class Metrics:
                                  multiprocess_mode="mostrecent")
         self.batch_size = Histogram("msdnet_batch_size", "Images per block step.", ["block"],
                                     buckets=BATCH_BUCKETS, registry=r)
+        # The latency objective (server.budget.objective); written by the engine.
+        self.objective = Gauge("msdnet_latency_objective_seconds", "The latency objective (MSDNET_LATENCY_SLO_MS); "
+                               "0 when none is set.", registry=r, multiprocess_mode="mostrecent")
+        self.in_force = Gauge("msdnet_target_in_force_flops_per_request", "Target mean FLOPs per /classify request "
+                              "in force: the configured one, or lower while the latency objective degrades.",
+                              registry=r, multiprocess_mode="mostrecent")
+        self.objective_state = Gauge("msdnet_objective_state", "1 for the latency objective's state now: steady "
+                                     "(target in force = configured), degraded, refusing.", ["state"], registry=r,
+                                     multiprocess_mode="mostrecent")
+        self.degraded_seconds = Counter("msdnet_degraded_seconds_total", "Time with the target in force below the "
+                                        "configured one (seconds).", registry=r)
+        self.degraded_answers = Counter("msdnet_degraded_answers_total", "/classify images answered while the "
+                                        "target in force was below the configured one.", registry=r)
+        self.forecast_wait = Gauge("msdnet_forecast_wait_seconds", "Forecast queueing delay of a request arriving "
+                                   "now (the engine's queued work over its model threads).", registry=r,
+                                   multiprocess_mode="mostrecent")
+        self.busy = Gauge("msdnet_engine_busy_ratio", "Share of the model threads' time spent in block steps "
+                          "(smoothed).", registry=r, multiprocess_mode="mostrecent")
+        self.client_gone = Counter("msdnet_client_gone_requests_total", "Requests cancelled in the engine because "
+                                   "their client closed the connection before the answer.", registry=r)
+        self.cancelled = Counter("msdnet_cancelled_images_total", "Images dropped before their next block because "
+                                 "their client closed the connection.", registry=r)
         self.deadline_requests = Counter("msdnet_deadline_requests_total", "Requests that carried a deadline.",
                                          registry=r)
         self.deadline_misses = Counter("msdnet_deadline_misses_total", "Requests answered after their deadline "

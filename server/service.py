@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +22,7 @@ import numpy as np
 from . import errors
 from .budget.controller import BudgetController
 from .budget.keeper import BudgetKeeper, BudgetView
+from .budget.objective import OPEN, Admission, LatencyObjective, ObjectiveView
 from .engine.scheduler import BudgetPolicy, Finished, Outcome, QueueFull, Task, ThresholdPolicy
 from .images import decode
 from .metrics import Metrics
@@ -45,12 +47,35 @@ class BatchOutcome:
 
 @dataclass(frozen=True)
 class BudgetReport:
-    """The controller's view, the mode (``local`` or ``fleet``) and the fleet's
-    mean FLOPs per request as this replica sees it (None in local mode)."""
+    """The controller's view, the mode (``local`` or ``fleet``), the fleet's
+    mean FLOPs per request as this replica sees it (None in local mode) and the
+    latency objective's view (None when no objective is set)."""
 
     view: BudgetView
     mode: str
     fleet_realised_flops: float | None
+    objective: ObjectiveView | None = None
+
+
+def check_admission(admission: Admission, deadline_ms: float | None, started: float) -> None:
+    """Refuse a request before decoding when the latency objective says so
+    (:meth:`server.budget.objective.Admission.admits`); ``deadline_ms`` counts
+    from ``started`` (the request's arrival, ``time.monotonic()``).
+
+    Raises:
+        errors.Saturated: (503, Retry-After) the forecast queueing delay breaks the
+            objective with every image at exit 1, or the request's own deadline.
+    """
+    left_s = None if deadline_ms is None else deadline_ms / 1e3 - (time.monotonic() - started)
+    if admission.admits(left_s):
+        return
+    wait_ms = admission.wait_s * 1e3
+    why = (f"the forecast queueing delay of {wait_ms:.0f} ms leaves no time for deadline_ms={deadline_ms:g}"
+           if deadline_ms is not None else
+           f"the forecast queueing delay of {wait_ms:.0f} ms breaks the latency objective even with every image "
+           "leaving at exit 1")
+    raise errors.Saturated(f"{why}; retry later", headers={"Retry-After": str(math.ceil(admission.retry_after_s))},
+                           retry_after_s=admission.retry_after_s, forecast_wait_ms=round(wait_ms, 1))
 
 
 def _answer(f: Finished) -> Finished:
@@ -100,6 +125,13 @@ class Service:
                  self.runner.scheduler.max_batch_size, settings.backend, self.exit_flops[0] / 1e6,
                  self.exit_flops[-1] / 1e6)
         self._classify_policy = ThresholdPolicy(self.keeper.thresholds)
+        self._model_threads = model_threads
+        self.objective = (LatencyObjective(settings.latency_slo_ms / 1e3, self.exit_flops, self.keeper.target)
+                          if settings.latency_slo_ms else None)
+        self._objective_lock = threading.Lock()  # model threads and the event loop both steer it
+        self._degraded_s = 0.0  # already exported to msdnet_degraded_seconds_total
+        self.on_admission = None  # engine process: publishes each new Admission to the HTTP workers
+        self.metrics.objective.set(settings.latency_slo_ms / 1e3 if settings.latency_slo_ms else 0.0)
         self.fleet = None  # a server.budget.fleet.Fleet when a Redis URL is configured
         self.metrics.set_model_info(checkpoint=str(checkpoint.path or ""), num_exits=str(self.num_exits),
                                     classes=str(len(self.classes)), image_size=str(self.transforms.image_size),
@@ -138,18 +170,27 @@ class Service:
             ValueError: outside [exit 1's cost, last exit's cost].
         """
         self.keeper.set_target(target)
+        if self.objective is not None:
+            with self._objective_lock:
+                self.objective.set_target(target)
+            self.keeper.set_in_force(self.objective.in_force if self.objective.in_force < target else math.inf)
         if self.fleet is not None:
             self.fleet.publish_target(target)
 
     async def budget(self) -> BudgetReport:
         """The controller's state now (async like :class:`server.ipc.client.EngineClient`'s)."""
         fleet_on = self.fleet is not None and self.fleet.connected
+        objective = None
+        if self.objective is not None:
+            with self._objective_lock:
+                objective = self.objective.view()
         return BudgetReport(self.keeper.view(), "fleet" if fleet_on else "local",
-                            self.fleet.fleet_mean() if self.fleet is not None else None)
+                            self.fleet.fleet_mean() if self.fleet is not None else None, objective)
 
     def _export_budget(self, keeper: BudgetKeeper) -> None:
         m, c = self.metrics, keeper.controller
         m.target.set(c.target)
+        m.in_force.set(c.in_force)
         if c.realised_mean is not None:
             m.realised.set(c.realised_mean)
         fleet_mean = self.fleet.fleet_mean() if self.fleet is not None else None
@@ -163,11 +204,72 @@ class Service:
             self.metrics.batch_size.labels(block=str(block + 1)).observe(n)
         for b, d in enumerate(depths, start=1):
             self.metrics.queue_depth.labels(block=str(b)).set(d)
+        if self.objective is not None:
+            self._steer(seconds if n else 0.0, depths)
+
+    # ---- latency objective ---------------------------------------------------------
+    def forecast_wait(self, depths: list[int] | None = None) -> float:
+        """Forecast queueing delay (seconds) of an image arriving now: the work queued
+        at every block (``depths``, default the scheduler's now) at the step-time
+        model's per-image cost of a full batch, shared by the model threads."""
+        sched = self.runner.scheduler
+        if depths is None:
+            depths = [sched.depth(b) for b in range(self.num_exits)]
+        size = sched.max_batch_size
+        work = sum(d * sched.latency.estimate(b, size) / size for b, d in enumerate(depths) if d)
+        return work / self._model_threads
+
+    def _steer(self, busy_s: float, depths: list[int]) -> None:
+        """The latency objective's control step (model thread, after a step)."""
+        obj = self.objective
+        now = time.monotonic()
+        with self._objective_lock:
+            obj.add_busy(busy_s)
+            if not obj.due(now):
+                return
+            changed = obj.update(now, self.forecast_wait(depths), self._model_threads)
+            view, admission = obj.view(), obj.admission(obj.wait_s)
+            degraded_s, self._degraded_s = obj.degraded_s - self._degraded_s, obj.degraded_s
+        if changed:
+            degraded = view.in_force_flops < view.configured_flops
+            self.keeper.set_in_force(view.in_force_flops if degraded else math.inf)
+        m = self.metrics
+        if degraded_s > 0:
+            m.degraded_seconds.inc(degraded_s)
+        for state in ("steady", "degraded", "refusing"):
+            m.objective_state.labels(state=state).set(1 if state == view.state else 0)
+        m.forecast_wait.set(view.wait_ms / 1e3)
+        m.busy.set(view.busy)
+        if self.on_admission is not None:
+            self.on_admission(admission)
+
+    def admission(self) -> Admission:
+        """The rule for a request arriving now (:class:`server.budget.objective.Admission`):
+        always admitted without a latency objective."""
+        if self.objective is None:
+            return OPEN
+        wait = self.forecast_wait()
+        with self._objective_lock:
+            return self.objective.admission(wait)
+
+    def admit(self, deadline_ms: float | None, started: float) -> None:
+        """Refuse a request before its image is decoded when the objective says so.
+
+        Raises:
+            errors.Saturated: (503, Retry-After); see :func:`check_admission`.
+        """
+        if self.objective is not None:
+            check_admission(self.admission(), deadline_ms, started)
 
     def _on_classify_done(self, task: Task, outcome: Outcome) -> None:
+        if outcome is Outcome.CANCELLED:
+            self.metrics.cancelled.inc()
+            return
         if outcome in (Outcome.EXPIRED, Outcome.NON_FINITE):  # nothing answered: nothing charged
             return
         flops = self.exit_flops[task.exits_done - 1]
+        if self.keeper.in_force < self.keeper.target:
+            self.metrics.degraded_answers.inc()
         self.metrics.exits.labels(exit=str(task.exits_done)).inc()
         self.metrics.flops.labels(endpoint="/classify").inc(flops)
         self.metrics.request_flops.observe(flops)
@@ -176,6 +278,9 @@ class Service:
         self.keeper.observe(flops)
 
     def _on_batch_done(self, task: Task, outcome: Outcome) -> None:
+        if outcome is Outcome.CANCELLED:
+            self.metrics.cancelled.inc()
+            return
         if outcome is Outcome.NON_FINITE:
             return
         self.metrics.exits.labels(exit=str(task.exits_done)).inc()
@@ -197,6 +302,16 @@ class Service:
             raise errors.Overloaded(str(exc), headers={"Retry-After": str(math.ceil(exc.retry_after_s))},
                                     retry_after_s=exc.retry_after_s) from exc
 
+    async def _gather(self, futures: list[asyncio.Future]) -> list[Finished]:
+        """The answers of ``futures``. Cancelled with the awaiting request (its client
+        closed the connection), ``gather`` cancels them, and the runner then runs
+        no further block for their images (``Runner.submit``)."""
+        try:
+            return await asyncio.gather(*futures)
+        except asyncio.CancelledError:
+            self.metrics.client_gone.inc()
+            raise
+
     async def classify(self, images: list[np.ndarray], deadline_ms: float | None, started: float) -> list[Finished]:
         """Anytime inference (paper §5.1) on decoded images, each float32 (C, H, W)
         as :meth:`decode` returns: each leaves at its first exit whose confidence
@@ -214,7 +329,10 @@ class Service:
         if deadline_ms is not None:
             self.metrics.deadline_requests.inc(n)
         futures = self._submit(images, [self._classify_policy] * n, [deadline] * n, started, self._on_classify_done)
-        done: list[Finished] = list(await asyncio.gather(*futures))
+        done: list[Finished] = list(await self._gather(futures))
+        in_force = self.keeper.in_force
+        degraded = in_force < self.keeper.target
+        done = [replace(f, target_flops=in_force, degraded=degraded) for f in done]
         if deadline_ms is not None:  # a miss: refused (504) or answered after the deadline
             late = (time.monotonic() - started) * 1e3 > deadline_ms
             self.metrics.deadline_misses.inc(sum(late or f.outcome is Outcome.EXPIRED for f in done))
@@ -244,7 +362,7 @@ class Service:
             errors.Overloaded: queue full (503).
         """
         n = len(items)
-        budget = float(flops_budget) if flops_budget is not None else n * self.keeper.target
+        budget = float(flops_budget) if flops_budget is not None else n * self.keeper.in_force
         self._check_budget(budget, n)
         index = [i for i, item in enumerate(items) if not isinstance(item, errors.ServiceError)]
         results: list[Finished | errors.ServiceError] = list(items)  # errors stay; images are replaced
@@ -255,7 +373,7 @@ class Service:
             policy = BudgetPolicy(budget, n, point.thresholds, self.exit_flops)
             futures = self._submit([items[i] for i in index], [policy] * len(index), [None] * len(index), started,
                                    self._on_batch_done)
-            for i, f in zip(index, await asyncio.gather(*futures)):
+            for i, f in zip(index, await self._gather(futures)):
                 used += int(f.flops)  # spent even when the output is not finite
                 try:
                     results[i] = _answer(f)

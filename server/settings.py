@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     top_k: int = Field(5, ge=1)
     target_flops: float | None = Field(None, gt=0, description="Target mean FLOPs per /classify request; "
                                                                "default: the checkpoint's calibrated one.")
+    latency_slo_ms: float | None = Field(
+        None, gt=0, description="Latency objective per replica (milliseconds, e.g. 100; unset: none). When the "
+        "queue would break it at the target, the target in force is lowered (down to exit 1's cost) until it "
+        "holds, and raised back when the load falls; only when even exit 1 cannot keep up are requests refused, "
+        "at once and before decoding (503, Retry-After). Requests with deadline_ms keep their own.")
     controller: bool = Field(True, description="Tune thresholds online; off: the checkpoint's thresholds.")
     controller_horizon: float = Field(20.0, gt=0, description="Requests over which an overspend is paid back.")
     controller_bias_halflife: float = Field(50.0, gt=0, description="Requests to forget half the bias estimate.")

@@ -39,7 +39,7 @@ def exit_flops(tiny_checkpoint):
 
 def check_result(r: dict, exit_flops) -> None:
     assert set(r) == {"class_id", "label", "confidence", "top_k", "exit", "num_exits", "flops", "deadline_met",
-                      "latency_ms"}
+                      "latency_ms", "target_flops", "degraded"}
     assert 1 <= r["exit"] <= r["num_exits"] == 3
     assert r["flops"] == exit_flops[r["exit"] - 1]
     assert r["top_k"][0]["class_id"] == r["class_id"] and r["top_k"][0]["probability"] == r["confidence"]

@@ -36,10 +36,16 @@ class HeldService:
         self.settings = SimpleNamespace(drain_timeout_s=5.0)
         self.release = asyncio.Event()
         self.calls = 0
+        self.cancelled = 0
+        self.objective = None
 
     async def classify(self, images, deadline_ms, started):
         self.calls += 1
-        await self.release.wait()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         return [Finished(Outcome.CONFIDENT, 1, np.array([0.25, 0.75], np.float32), 100, float(x.mean()))
                 for x in images]
 
@@ -86,6 +92,23 @@ def test_answers_come_back_to_the_request_that_asked(tmp_path):
         got = [(await asyncio.wait_for(c, 5.0))[0] for c in calls]
         assert [f.confidence for f in got] == pytest.approx([0.1, 0.2, 0.3])
         assert all(f.exit == 1 and f.flops == 100 and f.probs.tolist() == [0.25, 0.75] for f in got)
+        stop.set()
+        await asyncio.wait_for(serving, 5.0)
+        await client.close()
+
+    asyncio.run(go())
+
+
+def test_a_request_whose_client_left_is_cancelled_in_the_engine_and_the_others_are_answered(tmp_path):
+    async def go():
+        service, server, stop, serving, client = await started_engine(tmp_path)
+        gone, stays = (asyncio.ensure_future(client.classify([image(v)], None, time.monotonic())) for v in (0.1, 0.2))
+        await until(lambda: service.calls == 2)
+        gone.cancel()  # what the HTTP layer does when the client closes its connection
+        await until(lambda: service.cancelled == 1)
+        service.release.set()
+        (f,) = await asyncio.wait_for(stays, 5.0)
+        assert f.confidence == pytest.approx(0.2) and service.cancelled == 1 and gone.cancelled()
         stop.set()
         await asyncio.wait_for(serving, 5.0)
         await client.close()

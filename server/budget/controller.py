@@ -20,6 +20,12 @@ target x count (a window's mean error is the change of deficit over the window
 divided by its length). The bias term adapts to a change in traffic mix within a
 few hundred requests.
 
+Target in force. The latency objective (:mod:`server.budget.objective`) may
+lower the target the loop steers to below the configured one while the queue
+breaks the objective (:meth:`BudgetController.set_in_force`); deficits then count
+against the target in force, so answers degraded for the queue are neither a
+credit the controller later spends nor a debt charged to the fleet.
+
 Fleet, local mode: if every replica holds its own mean at the target, the
 fleet's mean, a request-weighted average of the replicas' means, is at the
 target too. Fleet mode (``server.budget.fleet``, through Redis): every replica steers
@@ -79,6 +85,7 @@ class BudgetController:
         self.local_horizon = horizon
         self.fleet: FleetView | None = None
         self.own_rate = 0.0
+        self.ceiling = math.inf
         self.set_target(target)
 
     def set_target(self, target: float) -> None:
@@ -91,6 +98,22 @@ class BudgetController:
         self.target = float(target)
         self.deficit = 0.0
         self._update_command()
+
+    @property
+    def in_force(self) -> float:
+        """The target steered to now: the configured one, or lower while the
+        latency objective degrades (FLOPs per request)."""
+        return min(self.target, self.ceiling)
+
+    def set_in_force(self, ceiling: float) -> None:
+        """Steer to at most ``ceiling`` FLOPs per request (``math.inf``: the
+        configured target). When the target in force changes the deficit
+        restarts at 0: spending is judged against the target that was in force."""
+        before = self.in_force
+        self.ceiling = float(ceiling)
+        if self.in_force != before:
+            self.deficit = 0.0
+            self._update_command()
 
     @property
     def thresholds(self) -> tuple[float, ...]:
@@ -115,7 +138,7 @@ class BudgetController:
         self.window.append(flops)
         self._window_sum += flops
         self.requests += 1
-        self.deficit += flops - self.target
+        self.deficit += flops - self.in_force
         # Bound the deficit steered on (in fleet mode: the fleet's) so a long
         # stretch the thresholds cannot follow (every image needing the last
         # exit) does not wind up.
@@ -140,7 +163,7 @@ class BudgetController:
             total_rate = self.own_rate + self.fleet.rate
             if total_rate > 0:
                 bias = (self.bias * self.own_rate + self.fleet.bias_rate) / total_rate
-        b = self.target - bias - deficit / self.horizon
+        b = self.in_force - bias - deficit / self.horizon
         self.command = min(max(b, self._costs[0]), self._costs[-1])
         self._point = self.point_for(self.command)
 

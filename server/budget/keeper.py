@@ -44,6 +44,7 @@ class BudgetView:
     command_flops: float
     requests: int
     controller: bool
+    in_force_flops: float
 
 
 class BudgetKeeper:
@@ -63,10 +64,15 @@ class BudgetKeeper:
         self.enabled = enabled
         self.on_change = on_change
         self._lock = threading.Lock()
+        self._degraded: tuple[float, ...] | None = None  # with the controller off: the curve's, while degraded
 
     def thresholds(self) -> tuple[float, ...]:
-        """Per-exit thresholds in force (read on the model thread at every exit)."""
-        return self.controller.thresholds if self.enabled else self.fixed_thresholds
+        """Per-exit thresholds in force (read on the model thread at every exit): the
+        controller's; with it off, the checkpoint's, or the curve's for the target
+        in force while the latency objective degrades."""
+        if self.enabled:
+            return self.controller.thresholds
+        return self.fixed_thresholds if self._degraded is None else self._degraded
 
     @property
     def target(self) -> float:
@@ -82,7 +88,25 @@ class BudgetKeeper:
         """Raises ValueError outside [exit 1's cost, the last exit's cost]."""
         with self._lock:
             self.controller.set_target(target)
+            self._refresh_degraded()
         self._changed()
+
+    @property
+    def in_force(self) -> float:
+        """The target in force (FLOPs per request; below :attr:`target` while degraded)."""
+        return self.controller.in_force
+
+    def set_in_force(self, ceiling: float) -> None:
+        """Steer to at most ``ceiling`` FLOPs per request (the latency objective's
+        choice; ``math.inf``: the configured target)."""
+        with self._lock:
+            self.controller.set_in_force(ceiling)
+            self._refresh_degraded()
+        self._changed()
+
+    def _refresh_degraded(self) -> None:
+        c = self.controller
+        self._degraded = None if c.in_force >= c.target else c.point_for(c.in_force).thresholds
 
     def set_fleet(self, view: FleetView | None, own_rate: float, horizon: float | None = None) -> None:
         """Steer on the fleet's figures (``view``), or locally with None."""
@@ -103,7 +127,7 @@ class BudgetKeeper:
         with self._lock:
             c = self.controller
             return BudgetView(c.target, c.realised_mean, len(c.window), self.thresholds(), c.command, c.requests,
-                              self.enabled)
+                              self.enabled, c.in_force)
 
     def _changed(self) -> None:
         if self.on_change is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import logging
 import threading
 import time
@@ -107,6 +108,8 @@ class Runner:
     def submit(self, images: list[np.ndarray], policies: list, deadlines: list[float | None],
                arrival: float, on_done: Callable[[Task, Outcome], None] | None = None) -> list[asyncio.Future]:
         """Queue images; returns one future per image resolving to :class:`Finished`.
+        Cancelling a future (its request's client left) stops its image before its
+        next block: it leaves with ``Outcome.CANCELLED`` and ``on_done`` is told.
 
         Raises:
             scheduler.QueueFull: when the queue cannot take them all.
@@ -115,8 +118,9 @@ class Runner:
         tasks, futures = [], []
         for image, policy, deadline in zip(images, policies, deadlines):
             fut = loop.create_future()
-            tasks.append(Task(arrival=arrival, policy=policy, deadline=deadline,
-                              state=ImageData(image, fut, loop, on_done)))
+            task = Task(arrival=arrival, policy=policy, deadline=deadline, state=ImageData(image, fut, loop, on_done))
+            fut.add_done_callback(functools.partial(_mark_cancelled, task))
+            tasks.append(task)
             futures.append(fut)
         with self._cv:
             self.scheduler.submit(tasks)
@@ -320,6 +324,13 @@ def _softmax(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         np.exp(z, out=z)
         z /= z.sum(axis=1, keepdims=True)
     return z, finite
+
+
+def _mark_cancelled(task: Task, fut: asyncio.Future) -> None:
+    # A bool written on the event loop, read by the scheduler under the model
+    # threads' lock: at worst the image runs the step already chosen for it.
+    if fut.cancelled():
+        task.cancelled = True
 
 
 def _set_results(answers: list[tuple[asyncio.Future, Finished]]) -> None:

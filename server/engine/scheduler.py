@@ -48,19 +48,25 @@ class Outcome(enum.Enum):
     BUDGET = "budget"         # its batch's FLOPs budget cannot pay for the next block
     EXPIRED = "expired"       # deadline passed before exit 1 could run: nothing computed
     NON_FINITE = "non_finite"  # the exit's logits are NaN or infinite: no answer, no further block
+    CANCELLED = "cancelled"   # its client left (the request was cancelled): no further block
 
 
 @dataclass
 class Finished:
     """An image's answer: outcome, exit (1-based; 0 = nothing computed), probabilities
     there ``(num_classes,)`` float32 (None when nothing was computed), FLOPs
-    (cumulative to the exit) and the confidence that decided."""
+    (cumulative to the exit), the confidence that decided and, for /classify, the
+    target mean FLOPs per request in force when it was answered and whether that
+    was below the configured target (the latency objective degraded it; None and
+    False for /batch)."""
 
     outcome: Outcome
     exit: int
     probs: np.ndarray | None
     flops: int
     confidence: float | None
+    target_flops: float | None = None
+    degraded: bool = False
 
 
 class ExitPolicy(Protocol):
@@ -85,6 +91,8 @@ class Task:
         exits_done: exits evaluated so far (0..K).
         confidence: confidence at the newest exit.
         state: the runner's opaque per-image data (features, logits).
+        cancelled: its request was cancelled (the client left): it runs no further
+            block and leaves with ``CANCELLED`` when next chosen or completed.
     """
 
     arrival: float
@@ -93,6 +101,7 @@ class Task:
     exits_done: int = 0
     confidence: float | None = None
     state: Any = None
+    cancelled: bool = False
     id: int = field(default_factory=itertools.count().__next__)
 
 
@@ -245,7 +254,9 @@ class BlockScheduler:
         # Least confident first: when a batch budget cannot pay every image's
         # next block, the blocks go to the images most likely wrong where they are.
         for task in sorted(batch, key=lambda t: -1.0 if t.confidence is None else t.confidence):
-            if task.deadline is not None and now + estimate > task.deadline:
+            if task.cancelled:
+                finished.append((task, Outcome.CANCELLED))
+            elif task.deadline is not None and now + estimate > task.deadline:
                 finished.append((task, Outcome.EXPIRED if task.exits_done == 0 else Outcome.DEADLINE))
             elif task.exits_done > 0 and not task.policy.may_continue(task):
                 finished.append((task, Outcome.BUDGET))
@@ -290,6 +301,8 @@ class BlockScheduler:
                 finished.append((task, Outcome.LAST_EXIT))
             elif task.policy.leaves(task, conf):
                 finished.append((task, Outcome.CONFIDENT))
+            elif task.cancelled:
+                finished.append((task, Outcome.CANCELLED))
             else:
                 self.queues[block + 1].append(task)
         self.in_flight -= len(finished)

@@ -46,9 +46,18 @@ class RequestContext:
         raw_id = next((v for k, v in scope["headers"] if k.lower() == b"x-request-id"), None)
         rid = params.request_id(raw_id)
         token = request_id.set(rid)
-        scope.setdefault("state", {})["arrival"] = started  # deadlines count from here
+        state = scope.setdefault("state", {})
+        state["arrival"] = started  # deadlines count from here
         path = scope["path"]
         status = {"code": 500}
+        handler = asyncio.current_task()
+
+        def client_gone() -> None:  # the protocol saw the connection close before the answer
+            status["gone"] = True
+            if handler is not None and not handler.done():
+                handler.cancel()
+
+        state["on_client_gone"] = client_gone
 
         async def send_wrapped(message):
             if message["type"] == "http.response.start":
@@ -64,6 +73,11 @@ class RequestContext:
             await self.app(scope, self._limited(receive, started), send_wrapped)
         except errors.ServiceError as exc:  # raised here, outside the routes' handlers
             await _send_error(send_wrapped, exc, path, _service_of(scope))
+        except asyncio.CancelledError:
+            if not status.get("gone"):
+                raise
+            handler.uncancel()  # our own cancel: the client left; nothing to answer
+            status["code"] = 499  # nginx's "client closed request", for the metrics and the access log
         finally:
             elapsed = time.monotonic() - started
             service = _service_of(scope)

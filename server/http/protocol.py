@@ -77,7 +77,14 @@ class TimedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        cycle = self.cycle
         super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:
+            # The client left mid-request: the middleware cancels its handler, so the
+            # engine runs no further block for it (server.http.middleware).
+            gone = cycle.scope.get("state", {}).get("on_client_gone")
+            if gone is not None:
+                gone()
 
     def _arm(self) -> None:
         self._disarm()

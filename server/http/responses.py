@@ -27,7 +27,10 @@ ERROR_MEANING = {400: "Bad image data, bad base64 or a malformed body", 401: "Mi
                  408: "The request was not received in time",
                  413: "Body, image count or image pixels over a limit", 415: "Unsupported content type or format",
                  422: "Invalid parameter, budget below the minimum, or a non-finite network output",
-                 500: "Internal error", 503: "Model not ready, or the queue is full (with Retry-After)",
+                 500: "Internal error",
+                 503: "Model not ready; the queue is full; or, with a latency objective (MSDNET_LATENCY_SLO_MS), "
+                      "even exit 1 cannot keep it, or the forecast queueing delay exceeds the request's deadline: "
+                      "refused at once, before decoding. Full and objective refusals carry Retry-After (seconds).",
                  504: "The deadline passed before exit 1 could run"}
 
 
@@ -59,7 +62,7 @@ def classify_result(service: Service, f: Finished, started: float, deadline_ms: 
     return {"class_id": top[0]["class_id"], "label": top[0]["label"], "confidence": float(f.confidence),
             "top_k": top, "exit": f.exit, "num_exits": service.num_exits, "flops": int(f.flops),
             "deadline_met": None if deadline_ms is None else latency_ms <= deadline_ms,
-            "latency_ms": round(latency_ms, 3)}
+            "latency_ms": round(latency_ms, 3), "target_flops": f.target_flops, "degraded": f.degraded}
 
 
 def batch_result(service: Service, out: BatchOutcome, started: float) -> dict:
@@ -76,4 +79,6 @@ def budget_state(report: BudgetReport) -> dict:
     return {"target_flops": v.target_flops, "realised_flops": v.realised_flops, "window": v.window,
             "thresholds": [None if th == float("inf") else th for th in v.thresholds],
             "command_flops": v.command_flops, "requests": v.requests, "controller": v.controller,
-            "mode": report.mode, "fleet_realised_flops": report.fleet_realised_flops}
+            "mode": report.mode, "fleet_realised_flops": report.fleet_realised_flops,
+            "in_force_flops": v.in_force_flops,
+            "objective": None if report.objective is None else report.objective.__dict__}

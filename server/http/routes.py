@@ -99,6 +99,7 @@ async def classify(request: Request, service: ReadyService) -> dict:
         service.metrics.deadline_misses.inc()
         raise errors.DeadlineExceeded(f"deadline of {deadline:g} ms passed before exit 1 could run; nothing was "
                                       "computed (not even decoding)", deadline_ms=deadline)
+    service.admit(deadline, started)
     (f,) = await service.classify([await decode_off_loop(service, data)], deadline, started)
     return classify_result(service, f, started, deadline)
 
@@ -128,6 +129,8 @@ async def batch(request: Request, service: ReadyService) -> dict:
     else:
         raise errors.UnsupportedMedia(f"content type {ctype or '(none)'!r} is not accepted; send "
                                       "application/json or multipart/form-data")
+
+    service.admit(None, started)
 
     def decode_all() -> list:
         items = []

@@ -73,6 +73,10 @@ class ClassifyResult(BaseModel):
     flops: int = Field(description="FLOPs spent on this image (multiply-accumulates, cumulative to its exit).")
     deadline_met: bool | None = Field(description="null without a deadline.")
     latency_ms: float
+    target_flops: float | None = Field(None, description="Target mean FLOPs per /classify request in force when "
+                                       "this image was answered (multiply-accumulates); null for /batch.")
+    degraded: bool = Field(False, description="True when that target was below the configured one: the latency "
+                                              "objective lowered it because the queue would have broken it.")
 
 
 class ErrorDetail(BaseModel):
@@ -93,6 +97,16 @@ class BatchResult(BaseModel):
     exit_counts: dict[str, int] = Field(description="Images per exit, keys '1'..'K'.")
 
 
+class ObjectiveState(BaseModel):
+    objective_ms: float = Field(description="The latency objective (MSDNET_LATENCY_SLO_MS).")
+    configured_flops: float = Field(description="The configured target mean FLOPs per request.")
+    in_force_flops: float = Field(description="The target in force (FLOPs per request).")
+    state: str = Field(description="'steady' (in force = configured), 'degraded' or 'refusing'.")
+    reason: str = Field(description="Why, with the figures that decided.")
+    wait_ms: float = Field(description="Forecast queueing delay of a request arriving now.")
+    busy: float = Field(description="Share of the model threads' time spent in block steps (smoothed).")
+
+
 class BudgetState(BaseModel):
     target_flops: float = Field(description="Target mean FLOPs per /classify request.")
     realised_flops: float | None = Field(description="Mean FLOPs per request over the last window.")
@@ -103,6 +117,10 @@ class BudgetState(BaseModel):
     controller: bool
     mode: str = Field(description="'local' or 'fleet'.")
     fleet_realised_flops: float | None = None
+    in_force_flops: float = Field(description="Target mean FLOPs per request in force: target_flops, or lower "
+                                              "while the latency objective degrades.")
+    objective: ObjectiveState | None = Field(None, description="The latency objective's state; null when "
+                                                               "MSDNET_LATENCY_SLO_MS is not set.")
 
 
 class BudgetUpdate(BaseModel):

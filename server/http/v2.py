@@ -200,6 +200,7 @@ async def infer(request: Request, name: str, service: ReadyService) -> Response:
         raise errors.InvalidParameter("deadline_ms and flops_budget cannot be combined: a budgeted batch has "
                                       "no per-image deadline", field="deadline_ms")
     outputs = requested_outputs(header)
+    service.admit(deadline_ms, started)
     images = await run_in_threadpool(decode_inputs, service, header.get("inputs"), tail)  # off the event loop
     if budget is not None:
         done = (await service.batch(images, budget, started)).results
@@ -215,6 +216,9 @@ async def infer(request: Request, name: str, service: ReadyService) -> Response:
     response_params = {"flops_used": sum(values["flops"])}
     if budget is not None:
         response_params["flops_budget"] = budget
+    if budget is None:
+        response_params["target_flops"] = done[0].target_flops
+        response_params["degraded"] = any(f.degraded for f in done)
     if deadline_ms is not None:
         response_params["deadline_met"] = (time.monotonic() - started) * 1e3 <= deadline_ms
     tensors = [encode_tensor(n, values[n], binary) for n, binary in outputs]

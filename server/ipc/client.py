@@ -21,12 +21,14 @@ from model.transforms import InputContract
 
 from .. import errors
 from ..budget.keeper import BudgetView
+from ..budget.objective import ObjectiveView
 from ..engine.scheduler import Finished
 from ..images import decode
 from ..metrics import Metrics
-from ..service import BatchOutcome, BudgetReport
+from ..service import BatchOutcome, BudgetReport, check_admission
 from ..settings import Settings
 from . import wire
+from .board import AdmissionBoard, board_path
 
 log = logging.getLogger("msdnet.client")
 
@@ -69,6 +71,7 @@ class EngineClient:
         self._last_reply = time.monotonic()
         self._stalled_since: float | None = None
         self._lost: str | None = None
+        self._board: AdmissionBoard | None = None  # the engine's admission rule (latency objective set)
 
     @property
     def num_exits(self) -> int:
@@ -104,6 +107,8 @@ class EngineClient:
         self.target_flops = float(meta["target_flops"])
         self.metrics = Metrics(self.num_exits, self.exit_flops)
         self._ready = bool(meta["ready"])
+        if meta.get("objective"):
+            self._board = AdmissionBoard.open(board_path(self.address))
         self._heartbeat_task = asyncio.ensure_future(self._heartbeat())
 
     async def _heartbeat(self) -> None:
@@ -126,6 +131,9 @@ class EngineClient:
         self._fail_pending("the engine process stopped")
         if self._writer is not None:
             self._writer.close()
+        board, self._board = self._board, None
+        if board is not None:
+            board.close()
 
     def _fail_pending(self, why: str) -> None:
         self._ready = False
@@ -175,6 +183,10 @@ class EngineClient:
             except TimeoutError:
                 raise on_timeout or errors.NotReady(
                     f"the engine process did not answer within {timeout_s:.1f} s") from None
+            except asyncio.CancelledError:  # the client left: the engine runs no further block for it
+                if not self._writer.is_closing():
+                    self._writer.writelines(wire.pack({"op": "cancel", "cancels": rid}))
+                raise
         finally:
             self._pending.pop(rid, None)
         if "error" in reply:
@@ -182,6 +194,15 @@ class EngineClient:
         return reply, out
 
     # ---- the Service surface the HTTP layer uses -------------------------------------
+    def admit(self, deadline_ms: float | None, started: float) -> None:
+        """As :meth:`server.service.Service.admit`, from the engine's admission board.
+
+        Raises:
+            errors.Saturated: (503, Retry-After) the latency objective refuses it.
+        """
+        if self._board is not None:
+            check_admission(self._board.read(), deadline_ms, started)
+
     def decode(self, data: bytes) -> np.ndarray:
         """As :meth:`server.service.Service.decode` (runs here, in the worker)."""
         return decode(data, self.transforms, self.settings.max_image_pixels, self.settings.jpeg_draft)
@@ -213,9 +234,9 @@ class EngineClient:
 
     async def budget(self) -> BudgetReport:
         reply, _ = await self._call({"op": "budget"})
-        v = reply["view"]
+        v, o = reply["view"], reply.get("objective")
         return BudgetReport(BudgetView(**{**v, "thresholds": tuple(v["thresholds"])}), reply["mode"],
-                            reply["fleet_realised_flops"])
+                            reply["fleet_realised_flops"], ObjectiveView(**o) if o else None)
 
     async def set_target(self, target: float) -> None:
         """Raises: ValueError: outside [exit 1's cost, last exit's cost] (as the service's)."""

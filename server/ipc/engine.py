@@ -22,6 +22,7 @@ from ..lifeline import follow_parent
 from ..service import Service
 from ..settings import Settings
 from . import wire
+from .board import AdmissionBoard, board_path
 
 log = logging.getLogger("msdnet.engine")
 
@@ -42,13 +43,15 @@ class EngineServer:
         self._server: asyncio.AbstractServer | None = None
         self._readers: set[asyncio.Task] = set()       # one per worker connection
         self._tasks: set[asyncio.Task] = set()         # one per request being answered
+        self._by_id: dict[tuple[int, int], asyncio.Task] = {}  # (connection, request id): for ``cancel``
         self._writers: set[asyncio.StreamWriter] = set()
 
     def hello(self) -> dict:
         """What a worker needs to decode images and shape answers."""
         s = self.service
         return {"ready": s.ready, "classes": list(s.classes), "exit_flops": [int(f) for f in s.exit_flops],
-                "transforms": s.transforms.to_transforms(), "target_flops": float(s.keeper.target)}
+                "transforms": s.transforms.to_transforms(), "target_flops": float(s.keeper.target),
+                "objective": s.objective is not None}
 
     async def handle(self, header: dict, images) -> tuple[dict, object]:
         """One request's reply ``(header, array or None)``; a :class:`ServiceError` becomes an ``error`` reply."""
@@ -75,7 +78,8 @@ class EngineServer:
                 report = await s.budget()
                 v = report.view
                 return {"view": {**v.__dict__, "thresholds": list(v.thresholds)}, "mode": report.mode,
-                        "fleet_realised_flops": report.fleet_realised_flops}, None
+                        "fleet_realised_flops": report.fleet_realised_flops,
+                        "objective": report.objective.__dict__ if report.objective else None}, None
             if op == "set_target":
                 try:
                     await s.set_target(float(header["target_flops"]))
@@ -100,6 +104,8 @@ class EngineServer:
         try:
             while True:
                 frames = await wire.read(reader)
+                if len(frames) == 1 and self._cancel(writer, frames):  # a cancel carries no array
+                    continue
                 task = asyncio.ensure_future(self._answer(writer, frames))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -113,6 +119,20 @@ class EngineServer:
         finally:  # cancelled at shutdown: the writer stays open for the answers in flight
             self._readers.discard(asyncio.current_task())
 
+    def _cancel(self, writer: asyncio.StreamWriter, frames: list) -> bool:
+        """Handle a ``cancel`` message (True), else leave ``frames`` alone (False):
+        the named request's task is cancelled, and with it its images' futures."""
+        try:
+            header, _ = wire.unpack(frames)
+        except wire.WireError:
+            return False
+        if header.get("op") != "cancel":
+            return False
+        task = self._by_id.get((id(writer), header.get("cancels")))
+        if task is not None:
+            task.cancel()
+        return True
+
     async def _answer(self, writer: asyncio.StreamWriter, frames: list) -> None:
         try:
             header, images = wire.unpack(frames)
@@ -123,7 +143,14 @@ class EngineServer:
                 err = wire.error_to_wire(errors.ServiceError(f"engine could not read the request: {exc}"))
                 writer.writelines(wire.pack({"id": rid, "error": err}))
             return
-        reply, array = await self.handle(header, images)
+        key = (id(writer), header.get("id"))
+        self._by_id[key] = asyncio.current_task()
+        try:
+            reply, array = await self.handle(header, images)
+        except asyncio.CancelledError:  # the worker's client left (``cancel``): nobody waits for a reply
+            return
+        finally:
+            self._by_id.pop(key, None)
         if not writer.is_closing():  # a worker that left gets nothing
             writer.writelines(wire.pack({"id": header.get("id"), **reply}, array))
 
@@ -177,6 +204,8 @@ def run(settings: Settings, address: str, ready: threading.Event | None = None) 
         print(f"msdnet serve: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     service = Service(checkpoint, settings)
+    if service.objective is not None:  # the workers refuse before decoding from what this board says
+        service.on_admission = AdmissionBoard.create(board_path(address)).write
     service.start()
 
     async def main() -> None:

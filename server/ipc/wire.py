@@ -10,7 +10,10 @@ Pure apart from :func:`read`: numpy, msgpack and an ``asyncio.StreamReader``.
 
 Requests (header ``op``): ``hello``, ``classify``, ``batch``, ``budget``,
 ``set_target``. Every reply carries the request's ``id`` and either the result
-fields or ``error`` (a :class:`server.errors.ServiceError` as a dict).
+fields or ``error`` (a :class:`server.errors.ServiceError` as a dict). One
+message has no reply: ``cancel`` (header ``cancels``: the id of an earlier
+request on the same connection whose client left; its images run no further
+block).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 from .. import errors
 from ..engine.scheduler import Finished, Outcome
 
-OPS = ("hello", "classify", "batch", "budget", "set_target")
+OPS = ("hello", "classify", "batch", "budget", "set_target", "cancel")
 PREFIX = struct.Struct("<II")  # header bytes, array bytes
 MAX_HEADER_BYTES = 1 << 20     # a header is a few hundred bytes; more means the stream is corrupt
 MAX_ARRAY_BYTES = 1 << 31      # decoded images are the model's input size: far below this
@@ -109,7 +112,7 @@ def error_from_wire(d: dict) -> errors.ServiceError:
 
 # ---- answers ----------------------------------------------------------------------
 def finished_to_wire(done: list[Finished], num_classes: int) -> tuple[list, np.ndarray]:
-    """``(rows, probs)``: per image ``[outcome, exit, flops, confidence, has_probs]`` and
+    """``(rows, probs)``: per image ``[outcome, exit, flops, confidence, has_probs, target_flops, degraded]`` and
     the probabilities ``(N, num_classes)`` float32 (zeros where there are none)."""
     probs = np.zeros((len(done), num_classes), np.float32)
     rows = []
@@ -117,7 +120,7 @@ def finished_to_wire(done: list[Finished], num_classes: int) -> tuple[list, np.n
         if f.probs is not None:
             probs[i] = f.probs
         rows.append([f.outcome.value, int(f.exit), int(f.flops), None if f.confidence is None else float(f.confidence),
-                     f.probs is not None])
+                     f.probs is not None, f.target_flops, f.degraded])
     return rows, probs
 
 
@@ -129,5 +132,5 @@ def finished_from_wire(rows: list, probs: np.ndarray | None) -> list[Finished]:
     """
     if rows and (probs is None or len(probs) < len(rows)):
         raise WireError(f"{len(rows)} answers but {0 if probs is None else len(probs)} probability rows")
-    return [Finished(Outcome(o), int(k), probs[i] if has else None, int(flops), conf)
-            for i, (o, k, flops, conf, has) in enumerate(rows)]
+    return [Finished(Outcome(o), int(k), probs[i] if has else None, int(flops), conf, target, bool(degraded))
+            for i, (o, k, flops, conf, has, target, degraded) in enumerate(rows)]

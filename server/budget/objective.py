@@ -1,0 +1,236 @@
+"""The latency objective: the controller's second loop, beside the FLOPs loop.
+
+Plain Python (no torch, no HTTP, no threads; the caller passes the clock).
+FLOPs are multiply-accumulates of convs and linears (MSDNet paper convention),
+cumulative to the exit an image leaves at.
+
+The FLOPs loop (:mod:`server.budget.controller`) holds the mean cost per
+/classify request at the configured target whatever the queue does. When more
+requests arrive than the engine can answer at that target, the queue grows
+without bound. This loop lowers the *target in force* instead, down to the
+first exit's cost, so that everyone is answered sooner at an earlier exit, and
+raises it back when the load falls. Only when even the first exit cannot keep
+up does it refuse new requests, at once, before they are decoded.
+
+Each control interval (a tenth of the objective, at most 0.1 s) it reads two
+figures the engine measures:
+
+- ``wait_s``: the forecast queueing delay of an image arriving now (the work
+  queued at every block, from the step-time model, divided by the model threads);
+- ``busy``: the share of the model threads' time spent in block steps.
+
+and steers the *span*, where the target in force is
+``exit_1 + span * (target - exit_1)`` with span in [0, 1]:
+
+1. **Cut** (the queue breaks the objective): when ``wait_s`` exceeds
+   ``wait_share`` of the objective the span is multiplied by
+   ``limit / wait_s`` (at least halved per interval at twice the limit) and
+   lowered by ``min_cut``, so a deep queue reaches exit 1 within a few
+   intervals.
+2. **Hold utilisation** (the queue is short): the target in force is scaled by
+   ``busy_goal / busy``, at most ``max_raise`` up or ``1 / max_raise`` down per
+   interval, but only outside a dead band of +/- ``band`` around ``busy_goal``
+   (hysteresis: a steady load settles instead of swinging). An idle or
+   HTTP-bound engine (busy low) so returns to the configured target within a
+   second or two.
+3. **Refuse** only at the first exit: while the span is 0 and the forecast wait
+   of a new arrival exceeds ``refuse_share`` of the objective, new requests are
+   refused; a request with its own deadline is refused when the forecast wait
+   exceeds its deadline (it would get a 504 later otherwise).
+
+Anti-windup: the span is clamped to [0, 1] and neither rule accumulates past
+the clamp, so after a long overload the loop starts rising at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+STEADY, DEGRADED, REFUSING = "steady", "degraded", "refusing"
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What decides whether a new request is taken; small enough to share
+    between processes (the engine writes it, HTTP workers read it).
+
+    Attributes:
+        wait_s: forecast queueing delay of a request arriving now (seconds).
+        refuse_above_s: requests without a deadline are refused while ``wait_s``
+            exceeds this (seconds; infinite while degrading can still absorb the load).
+        retry_after_s: what a refused client is told to wait (seconds).
+    """
+
+    wait_s: float
+    refuse_above_s: float
+    retry_after_s: float
+
+    def admits(self, deadline_s: float | None = None) -> bool:
+        """Whether a request is taken; one with a deadline ``deadline_s`` seconds
+        from now keeps its own (refused only when the wait alone would miss it)."""
+        if deadline_s is not None:
+            return self.wait_s <= deadline_s
+        return self.wait_s <= self.refuse_above_s
+
+
+OPEN = Admission(0.0, math.inf, 1.0)
+
+
+@dataclass(frozen=True)
+class ObjectiveView:
+    """The loop's state, for ``GET /budget`` and the metrics.
+
+    Attributes:
+        objective_ms: the latency objective (milliseconds).
+        configured_flops: the FLOPs loop's configured target (FLOPs per request).
+        in_force_flops: the target in force (FLOPs per request, <= configured).
+        state: ``steady`` (in force = configured), ``degraded`` or ``refusing``.
+        reason: one line saying why, with the figures that decided.
+        wait_ms: the last forecast queueing delay of a new arrival (milliseconds).
+        busy: the model threads' busy share (0..1, smoothed).
+    """
+
+    objective_ms: float
+    configured_flops: float
+    in_force_flops: float
+    state: str
+    reason: str
+    wait_ms: float
+    busy: float
+
+
+class LatencyObjective:
+    """Chooses the target in force and whether to refuse; see the module docstring.
+
+    Args:
+        objective_s: the latency objective (seconds), e.g. 0.1.
+        exit_flops: cumulative FLOPs of each exit (K values, increasing).
+        target: the configured target (FLOPs per request), between exit 1's and
+            the last exit's cost.
+        wait_share: share of the objective the forecast queueing delay may reach
+            before the target in force is cut.
+        refuse_share: at exit 1, share of the objective the forecast wait of a new
+            arrival may reach before requests are refused (>= ``wait_share``).
+        busy_goal: the model threads' busy share held while the queue is short.
+        band: half-width of the dead band around ``busy_goal``.
+        max_raise: largest factor the target in force moves by per interval when
+            steering utilisation.
+        min_cut: span lowered by at least this much per interval while cutting.
+        busy_halflife_s: half-life of the busy share's smoothing (seconds).
+
+    Raises:
+        ValueError: a non-positive objective, or shares out of order.
+    """
+
+    def __init__(self, objective_s: float, exit_flops: list[float], target: float, *, wait_share: float = 0.4,
+                 refuse_share: float = 0.6, busy_goal: float = 0.85, band: float = 0.07, max_raise: float = 1.1,
+                 min_cut: float = 0.02, busy_halflife_s: float = 0.3):
+        if not (math.isfinite(objective_s) and objective_s > 0):
+            raise ValueError(f"latency objective must be positive seconds, got {objective_s}")
+        if not 0 < wait_share <= refuse_share <= 1:
+            raise ValueError("need 0 < wait_share <= refuse_share <= 1")
+        self.objective_s = float(objective_s)
+        self.exit1 = float(exit_flops[0])
+        self.wait_share, self.refuse_share = wait_share, refuse_share
+        self.busy_goal, self.band, self.max_raise, self.min_cut = busy_goal, band, max_raise, min_cut
+        self.busy_halflife_s = busy_halflife_s
+        self.interval_s = min(0.1, self.objective_s / 10)
+        self.span = 1.0
+        self.busy = 0.0
+        self.wait_s = 0.0
+        self.refusing = False
+        self.reason = "the queue is within the objective"
+        self.degraded_s = 0.0  # time spent with the target in force below the configured one (seconds)
+        self._last: float | None = None
+        self._busy_acc = 0.0
+        self.set_target(target)
+
+    # ---- configuration --------------------------------------------------------
+    def set_target(self, target: float) -> None:
+        """A new configured target (FLOPs per request); the span is kept."""
+        self.target = float(target)
+
+    @property
+    def in_force(self) -> float:
+        """The target in force (FLOPs per request): between exit 1's cost and the configured target."""
+        if self.target <= self.exit1:
+            return self.target
+        return self.exit1 + self.span * (self.target - self.exit1)
+
+    @property
+    def state(self) -> str:
+        if self.refusing:
+            return REFUSING
+        return STEADY if self.span >= 1.0 else DEGRADED
+
+    # ---- measurements ------------------------------------------------------------
+    def add_busy(self, seconds: float) -> None:
+        """Account ``seconds`` of one model thread's time spent in a block step."""
+        self._busy_acc += seconds
+
+    def due(self, now: float) -> bool:
+        """Whether a control interval has passed since the last :meth:`update`."""
+        return self._last is None or now - self._last >= self.interval_s
+
+    def update(self, now: float, wait_s: float, threads: int) -> bool:
+        """One control step at ``now`` (seconds, monotonic) with the forecast
+        queueing delay ``wait_s`` (seconds) of a new arrival and the number of
+        model threads. Returns whether the target in force changed.
+        """
+        if self._last is None:
+            self._last, self._busy_acc = now, 0.0
+            return False
+        dt = now - self._last
+        if dt <= 0:
+            return False
+        if self.span < 1.0:
+            self.degraded_s += dt
+        sample = min(1.0, self._busy_acc / (dt * max(threads, 1)))
+        keep = 0.5 ** (dt / self.busy_halflife_s)
+        self.busy = keep * self.busy + (1 - keep) * sample
+        self._last, self._busy_acc, self.wait_s = now, 0.0, wait_s
+        before = self.in_force
+        limit = self.wait_share * self.objective_s
+        if wait_s > limit:
+            self.span = max(0.0, self.span * max(0.5, limit / wait_s) - self.min_cut)
+            self.reason = (f"forecast queueing delay {wait_s * 1e3:.0f} ms > {limit * 1e3:.0f} ms "
+                           f"({self.wait_share:.0%} of the {self.objective_s * 1e3:g} ms objective)")
+        elif self.busy > self.busy_goal + self.band and self.span > 0:
+            self._scale(max(1 / self.max_raise, self.busy_goal / self.busy))
+            self.reason = f"model threads busy {self.busy:.0%} > {self.busy_goal + self.band:.0%}"
+        elif self.busy < self.busy_goal - self.band and self.span < 1.0:
+            self._scale(min(self.max_raise, self.busy_goal / max(self.busy, 1e-3)))
+            self.reason = (f"model threads busy {self.busy:.0%} < {self.busy_goal - self.band:.0%}: "
+                           "raising the target in force")
+        elif self.span >= 1.0:
+            self.reason = "the queue is within the objective"
+        self.refusing = not self.admits(wait_s)
+        if self.refusing:
+            self.reason = (f"refusing: at exit 1 the forecast queueing delay {wait_s * 1e3:.0f} ms > "
+                           f"{self.refuse_share * self.objective_s * 1e3:.0f} ms")
+        return self.in_force != before
+
+    def _scale(self, factor: float) -> None:
+        """Scale the target in force by ``factor``, clamped to [exit 1, configured]."""
+        if self.target <= self.exit1:
+            return
+        flops = min(self.target, max(self.exit1, self.in_force * factor))
+        self.span = (flops - self.exit1) / (self.target - self.exit1)
+
+    # ---- admission ---------------------------------------------------------------
+    def admission(self, wait_s: float) -> Admission:
+        """The rule for a request arriving now that faces a forecast queueing delay of
+        ``wait_s`` seconds: refused when the wait exceeds ``refuse_share`` of the
+        objective while every image already leaves at exit 1 (above exit 1 the loop
+        degrades instead); Retry-After the forecast delay, at least 1 s."""
+        refuse_above = math.inf if self.span > 0.0 else self.refuse_share * self.objective_s
+        return Admission(wait_s, refuse_above, max(1.0, wait_s))
+
+    def admits(self, wait_s: float, deadline_s: float | None = None) -> bool:
+        """:meth:`Admission.admits` of :meth:`admission` (``wait_s`` seconds)."""
+        return self.admission(wait_s).admits(deadline_s)
+
+    def view(self) -> ObjectiveView:
+        return ObjectiveView(self.objective_s * 1e3, self.target, self.in_force, self.state, self.reason,
+                             self.wait_s * 1e3, self.busy)

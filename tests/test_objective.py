@@ -1,0 +1,134 @@
+"""The latency objective's loop (server/budget/objective.py), without HTTP or torch.
+
+The fluid plant below is an engine with one model thread whose time per image
+is proportional to the target in force (``SECONDS_PER_FLOP`` x FLOPs): at the
+configured target (2,000 FLOPs) it answers 500 images/s, at exit 1 (1,000
+FLOPs) 1,000 images/s. FLOPs are multiply-accumulates (MSDNet paper convention).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from model.curve import OperatingPoint
+from server.budget.controller import BudgetController
+from server.budget.keeper import BudgetKeeper
+from server.budget.objective import OPEN, LatencyObjective
+
+EXITS = [1000.0, 2500.0, 4000.0]
+TARGET = 2000.0
+SECONDS_PER_FLOP = 1e-6  # 2 ms an image at the target, 1 ms at exit 1
+OBJECTIVE_S = 0.1
+
+
+def simulate(rates: list[tuple[float, float]], dt: float = 0.001):
+    """Run the loop against the plant; ``rates`` = (seconds, arrivals per second)
+    phases. Returns per tick (time, target in force, forecast wait, refused share)."""
+    obj = LatencyObjective(OBJECTIVE_S, EXITS, TARGET)
+    backlog, t, trace = 0.0, 0.0, []
+    for seconds, rate in rates:
+        for _ in range(round(seconds / dt)):
+            per_image = obj.in_force * SECONDS_PER_FLOP
+            wait = backlog * per_image
+            admitted = rate * dt if obj.admits(wait) else 0.0
+            backlog += admitted
+            served = min(backlog, dt / per_image)
+            backlog -= served
+            obj.add_busy(served * per_image)
+            t += dt
+            if obj.due(t):
+                obj.update(t, backlog * obj.in_force * SECONDS_PER_FLOP, 1)
+            trace.append((t, obj.in_force, wait, 1.0 - admitted / (rate * dt) if rate else 0.0))
+    return obj, trace
+
+
+def window(trace, start: float, end: float):
+    return [row for row in trace if start <= row[0] < end]
+
+
+def test_below_capacity_the_configured_target_holds_and_nothing_is_refused():
+    obj, trace = simulate([(10.0, 0.6 * 500)])
+    assert all(f == TARGET for _, f, _, _ in trace)
+    assert obj.state == "steady" and max(w for *_, w, _ in trace) < 0.01
+
+
+@pytest.mark.parametrize("load", [1.2, 1.5, 1.9])  # 1.9: at exit 1 the engine is 95% busy
+def test_between_the_two_capacities_it_degrades_just_enough_and_settles(load):
+    obj, trace = simulate([(5.0, 0.5 * 500), (20.0, load * 500)])
+    steady = window(trace, 15.0, 25.0)
+    flops = [f for _, f, _, _ in steady]
+    # Equilibrium: rate x time per image = the busy goal, i.e. FLOPs = 0.85 / (rate x s/FLOP).
+    expected = max(EXITS[0], obj.busy_goal / (load * 500 * SECONDS_PER_FLOP))
+    assert EXITS[0] <= min(flops) and max(flops) < TARGET
+    assert abs(sum(flops) / len(flops) - expected) / expected < 0.1
+    assert (max(flops) - min(flops)) / min(flops) <= 0.10  # no swing over 10% once the load is steady
+    assert max(w for _, _, w, _ in steady) < OBJECTIVE_S and sum(r for *_, r in steady) == 0
+
+
+def test_past_the_first_exit_capacity_it_refuses_only_the_excess_and_keeps_the_objective():
+    obj, trace = simulate([(2.0, 250.0), (10.0, 3 * 500.0)])  # 1,500/s against 1,000/s at exit 1
+    late = window(trace, 4.0, 12.0)
+    assert all(f == EXITS[0] for _, f, _, _ in late) and obj.state == "refusing"
+    refused = sum(r for *_, r in late) / len(late)
+    assert refused == pytest.approx(1 / 3, abs=0.03)  # the excess, not everyone
+    assert max(w for _, _, w, _ in late) <= obj.refuse_share * OBJECTIVE_S + 0.002
+
+
+def test_after_a_burst_the_configured_target_is_back_within_5_s_without_windup():
+    obj, trace = simulate([(2.0, 250.0), (20.0, 3 * 500.0), (10.0, 0.5 * 500)])
+    burst_end = 22.0
+    back = next(t for t, f, _, _ in trace if t >= burst_end and f == TARGET)
+    assert back - burst_end < 5.0
+    assert all(f == TARGET for _, f, _, _ in window(trace, back, 32.0))  # and it stays there
+
+
+def test_admission_rule():
+    obj = LatencyObjective(OBJECTIVE_S, EXITS, TARGET)
+    # Above exit 1 the loop degrades instead of refusing, whatever the wait.
+    assert obj.admits(10.0) and obj.admission(10.0).refuse_above_s == math.inf
+    # A request with its own deadline keeps it: refused only when the wait alone would miss it.
+    assert obj.admits(0.05, deadline_s=0.06) and not obj.admits(0.05, deadline_s=0.04)
+    for step in range(200):  # a queue far over the objective drives the span to 0
+        obj.update(step * obj.interval_s, 1.0, 1)
+    assert obj.in_force == EXITS[0] and obj.state == "refusing"
+    assert obj.admits(0.059) and not obj.admits(0.061)  # refuse_share = 0.6 of 100 ms
+    assert obj.admission(2.5).retry_after_s == 2.5 and obj.admission(0.2).retry_after_s == 1.0
+    assert OPEN.admits() and OPEN.admits(0.0)
+
+
+def test_bad_objectives_are_refused():
+    with pytest.raises(ValueError, match="positive"):
+        LatencyObjective(0.0, EXITS, TARGET)
+    with pytest.raises(ValueError, match="wait_share"):
+        LatencyObjective(0.1, EXITS, TARGET, wait_share=0.7, refuse_share=0.5)
+
+
+def curve() -> list[OperatingPoint]:
+    return [OperatingPoint(1500.0, 0.8, (0.5, 0.5, 0.0)), OperatingPoint(3000.0, 0.9, (0.9, 0.9, 0.0))]
+
+
+def test_the_flops_loop_steers_to_the_target_in_force_and_charges_nothing_to_the_configured_one():
+    c = BudgetController(EXITS, curve(), TARGET)
+    for _ in range(50):
+        c.observe(2600.0)  # overspending: the deficit grows
+    assert c.deficit > 0
+    c.set_in_force(1200.0)
+    assert c.in_force == 1200.0 and c.target == TARGET and c.deficit == 0.0  # judged against the new target
+    assert c.command <= 1200.0
+    c.observe(1200.0)
+    assert c.deficit == 0.0  # an answer at the target in force is on budget
+    c.set_in_force(math.inf)
+    assert c.in_force == TARGET
+
+
+def test_with_the_controller_off_a_degraded_target_still_lowers_the_thresholds():
+    c = BudgetController(EXITS, curve(), TARGET)
+    keeper = BudgetKeeper(c, (0.99, 0.99, 0.0), enabled=False)
+    assert keeper.thresholds() == (0.99, 0.99, 0.0)
+    keeper.set_in_force(EXITS[0])
+    assert keeper.thresholds() == c.point_for(EXITS[0]).thresholds and keeper.in_force == EXITS[0]
+    assert keeper.view().in_force_flops == EXITS[0] and keeper.view().target_flops == TARGET
+    keeper.set_in_force(math.inf)
+    assert keeper.thresholds() == (0.99, 0.99, 0.0)

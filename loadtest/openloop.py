@@ -171,10 +171,25 @@ class _HttpxClient:
 CLIENTS = {"aiohttp": _AiohttpClient, "httpx": _HttpxClient}
 
 
+def phased_schedule(phases: Sequence[tuple[float, float]], max_requests: int, seed: int = 0) -> np.ndarray:
+    """Poisson send times (s from start) for consecutive ``(seconds, requests/s)``
+    phases (a rate of 0: silence), at most ``max_requests``."""
+    parts, start = [], 0.0
+    for i, (seconds, rate) in enumerate(phases):
+        if rate > 0:
+            parts.append(start + schedule(rate, seconds, max_requests, "poisson", seed + i))
+        start += seconds
+    times = np.concatenate(parts) if parts else np.zeros(0)
+    return times[:max_requests]
+
+
 async def run_async(url: str, make_request: Callable[[int], Request], rate: float, duration_s: float,
                     max_requests: int = 100_000, arrivals: str = "poisson", seed: int = 0, warmup_s: float = 0.0,
-                    timeout_s: float = 10.0, max_connections: int = 512, client: str = "aiohttp") -> RunResult:
+                    timeout_s: float = 10.0, max_connections: int = 512, client: str = "aiohttp",
+                    times: np.ndarray | None = None) -> RunResult:
     """Send ``make_request(i)`` at the i-th scheduled time; see the module docstring.
+    ``times`` (seconds from the start, increasing) replaces the schedule drawn from
+    ``rate`` (a rate that varies over the run: :func:`phased_schedule`).
 
     ``warmup_s`` of traffic at the same rate comes first; its records are marked
     ``warmup`` (connections open, the server's caches fill). Returns when every
@@ -182,7 +197,8 @@ async def run_async(url: str, make_request: Callable[[int], Request], rate: floa
     """
     check_loopback(url)
     base = url.rstrip("/")
-    times = schedule(rate, warmup_s + duration_s, max_requests, arrivals, seed)
+    if times is None:
+        times = schedule(rate, warmup_s + duration_s, max_requests, arrivals, seed)
     requests = [make_request(i) for i in range(len(times))]  # built before the clock starts
     # A full collection walks every object this process holds (in the benchmark: torch, the model,
     # the samples, ~180,000 objects) and stopped sending and reading for 80-100 ms, which open-loop

@@ -15,7 +15,7 @@ import pytest
 from model.curve import OperatingPoint
 from server.budget.controller import BudgetController
 from server.budget.keeper import BudgetKeeper
-from server.budget.objective import OPEN, LatencyObjective
+from server.budget.objective import OPEN, FrontDoor, LatencyObjective
 
 EXITS = [1000.0, 2500.0, 4000.0]
 TARGET = 2000.0
@@ -132,3 +132,20 @@ def test_with_the_controller_off_a_degraded_target_still_lowers_the_thresholds()
     assert keeper.view().in_force_flops == EXITS[0] and keeper.view().target_flops == TARGET
     keeper.set_in_force(math.inf)
     assert keeper.thresholds() == (0.99, 0.99, 0.0)
+
+
+def test_the_front_door_sheds_while_the_loop_is_behind_and_stops_when_it_catches_up():
+    door = FrontDoor(OBJECTIVE_S)  # lag limit: 25 ms
+    for _ in range(100):
+        door.observe(0.010)
+    assert door.share == 0.0 and door.admits(0.0)
+    for _ in range(100):
+        door.observe(0.050)  # twice the limit
+    assert door.share == door.max_share and not door.admits(0.9) and door.admits(0.96)
+    for _ in range(5):
+        door.observe(0.0)  # the smoothed lag takes a few samples to fall under half the limit
+    steps = 0
+    while door.share > 0:
+        door.observe(0.0)
+        steps += 1
+    assert steps <= round(door.max_share / door.fall) + 1 and door.admits(0.0)

@@ -234,3 +234,44 @@ class LatencyObjective:
     def view(self) -> ObjectiveView:
         return ObjectiveView(self.objective_s * 1e3, self.target, self.in_force, self.state, self.reason,
                              self.wait_s * 1e3, self.busy)
+
+
+class FrontDoor:
+    """Sheds load at an HTTP process's front door when the process itself, not
+    the engine, is the bottleneck (a small network: HTTP, JSON and decoding cost
+    more than the blocks, so degrading the exits cannot help).
+
+    The signal is the event loop's lag (how late a 10-ms timer fires): requests
+    wait unread in socket buffers while the loop is behind, invisible to every
+    stamp the server can take, and the lag grows with that backlog. While the
+    smoothed lag exceeds ``lag_share`` of the objective, a growing share of new
+    requests is refused (a refusal costs a fraction of an answer, so the loop
+    catches up); below half of it, the share falls back to 0.
+
+    Args:
+        objective_s: the latency objective (seconds).
+        lag_share: share of the objective the loop's lag may reach.
+        rise: refusal share added per sample at the limit (more above it).
+        fall: refusal share removed per sample below half the limit.
+        max_share: the largest share refused.
+    """
+
+    def __init__(self, objective_s: float, lag_share: float = 0.25, rise: float = 0.05, fall: float = 0.01,
+                 max_share: float = 0.95):
+        self.limit_s = lag_share * objective_s
+        self.rise, self.fall, self.max_share = rise, fall, max_share
+        self.lag_s = 0.0
+        self.share = 0.0
+
+    def observe(self, lag_s: float) -> None:
+        """One lag sample (seconds late; from the loop's timer)."""
+        self.lag_s = 0.7 * self.lag_s + 0.3 * max(0.0, lag_s)
+        if self.lag_s > self.limit_s:
+            self.share = min(self.max_share, self.share + self.rise * min(self.lag_s / self.limit_s, 4.0))
+        elif self.lag_s < 0.5 * self.limit_s:
+            self.share = max(0.0, self.share - self.fall)
+
+    def admits(self, draw: float) -> bool:
+        """Whether a new request is taken; ``draw`` uniform in [0, 1) (the caller's
+        random number, so tests choose it)."""
+        return draw >= self.share

@@ -25,10 +25,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors
+from ..budget.objective import FrontDoor
 from ..service import Service
 from ..settings import Settings
 from . import decoding, listener
-from .middleware import RequestContext
+from .middleware import RequestContext, watch_loop_lag
 from .protocol import TimedHTTPProtocol
 from .responses import count_rejection, error_response
 from .routes import router
@@ -123,6 +124,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             service.start()
             stop = functools.partial(asyncio.to_thread, service.stop, settings.drain_timeout_s)
         TimedHTTPProtocol.on_reject = functools.partial(_count_slow_client, service)
+        watcher = None
+        if settings.latency_slo_ms:  # this process's own front door (HTTP-bound load: server.budget.objective)
+            app.state.front_door = FrontDoor(settings.latency_slo_ms / 1e3)
+            watcher = asyncio.ensure_future(watch_loop_lag(app.state.front_door))
         app.state.service = service
         # One decode through the request path's thread pool: its first use starts a thread and
         # loads Pillow's plugins (a first request with deadline_ms=20 on a fresh worker got 504).
@@ -137,6 +142,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await stop()
             decoding.shutdown()
 

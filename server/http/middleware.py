@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 
 from .. import errors
@@ -17,6 +18,22 @@ from .responses import count_rejection, error_response
 log = logging.getLogger("msdnet.http")
 
 ROUTE_LABELS = {"/classify", "/batch", "/budget", "/healthz", "/readyz", "/metrics"}
+LAG_INTERVAL_S = 0.01
+
+
+def is_inference(path: str) -> bool:
+    """The paths that run the model: what a front door may refuse."""
+    return path in ("/classify", "/batch") or (path.startswith("/v2/models/") and path.endswith("/infer"))
+
+
+async def watch_loop_lag(door, interval_s: float = LAG_INTERVAL_S) -> None:
+    """Feed ``door`` (a :class:`server.budget.objective.FrontDoor`) how late a timer of
+    ``interval_s`` seconds fires on this event loop, forever (cancel to stop)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t = loop.time()
+        await asyncio.sleep(interval_s)
+        door.observe(loop.time() - t - interval_s)
 
 
 class RequestContext:
@@ -70,6 +87,12 @@ class RequestContext:
             if length.isdigit() and int(length) > self.limit:
                 raise errors.TooLarge(f"request body is over the limit of {self.limit} bytes",
                                       max_body_bytes=self.limit, headers={"Connection": "close"})
+            door = _front_door_of(scope)
+            if door is not None and is_inference(path) and not door.admits(random.random()):
+                raise errors.Saturated(
+                    f"this HTTP process is {door.lag_s * 1e3:.0f} ms behind (over {door.limit_s * 1e3:.0f} ms of "
+                    "the latency objective): refused before reading the body; retry later",
+                    headers={"Retry-After": "1"}, retry_after_s=1.0, loop_lag_ms=round(door.lag_s * 1e3, 1))
             await self.app(scope, self._limited(receive, started), send_wrapped)
         except errors.ServiceError as exc:  # raised here, outside the routes' handlers
             await _send_error(send_wrapped, exc, path, _service_of(scope))
@@ -115,6 +138,11 @@ class RequestContext:
             return message
 
         return receive_limited
+
+
+def _front_door_of(scope):
+    app = scope.get("app")
+    return getattr(app.state, "front_door", None) if app is not None else None
 
 
 def _service_of(scope) -> Service | None:

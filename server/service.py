@@ -57,24 +57,30 @@ class BudgetReport:
     objective: ObjectiveView | None = None
 
 
-def check_admission(admission: Admission, deadline_ms: float | None, started: float) -> None:
+def check_admission(admission: Admission, deadline_ms: float | None, started: float, metrics: Metrics) -> None:
     """Refuse a request before decoding when the latency objective says so
     (:meth:`server.budget.objective.Admission.admits`); ``deadline_ms`` counts
     from ``started`` (the request's arrival, ``time.monotonic()``).
 
     Raises:
         errors.Saturated: (503, Retry-After) the forecast queueing delay breaks the
-            objective with every image at exit 1, or the request's own deadline.
+            objective with every image already at exit 1.
+        errors.DeadlineExceeded: (504) the request's own deadline cannot be met at
+            the forecast queueing delay (counted as a deadline miss); nothing computed.
     """
     left_s = None if deadline_ms is None else deadline_ms / 1e3 - (time.monotonic() - started)
     if admission.admits(left_s):
         return
     wait_ms = admission.wait_s * 1e3
-    why = (f"the forecast queueing delay of {wait_ms:.0f} ms leaves no time for deadline_ms={deadline_ms:g}"
-           if deadline_ms is not None else
-           f"the forecast queueing delay of {wait_ms:.0f} ms breaks the latency objective even with every image "
-           "leaving at exit 1")
-    raise errors.Saturated(f"{why}; retry later", headers={"Retry-After": str(math.ceil(admission.retry_after_s))},
+    if deadline_ms is not None:
+        metrics.deadline_requests.inc()
+        metrics.deadline_misses.inc()
+        raise errors.DeadlineExceeded(f"deadline of {deadline_ms:g} ms cannot be met: the forecast queueing delay "
+                                      f"is {wait_ms:.0f} ms; nothing was computed (not even decoding)",
+                                      deadline_ms=deadline_ms, forecast_wait_ms=round(wait_ms, 1))
+    raise errors.Saturated(f"the forecast queueing delay of {wait_ms:.0f} ms breaks the latency objective even with "
+                           "every image leaving at exit 1; retry later",
+                           headers={"Retry-After": str(math.ceil(admission.retry_after_s))},
                            retry_after_s=admission.retry_after_s, forecast_wait_ms=round(wait_ms, 1))
 
 
@@ -257,9 +263,10 @@ class Service:
 
         Raises:
             errors.Saturated: (503, Retry-After); see :func:`check_admission`.
+            errors.DeadlineExceeded: (504) its deadline cannot be met at the forecast wait.
         """
         if self.objective is not None:
-            check_admission(self.admission(), deadline_ms, started)
+            check_admission(self.admission(), deadline_ms, started, self.metrics)
 
     def _on_classify_done(self, task: Task, outcome: Outcome) -> None:
         if outcome is Outcome.CANCELLED:

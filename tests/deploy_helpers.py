@@ -35,6 +35,9 @@ SERVER_METRICS = frozenset({
     "msdnet_deadline_requests_total", "msdnet_deadline_misses_total",
     "msdnet_rejected_requests_total",
     "msdnet_model_info",
+    "msdnet_latency_objective_seconds", "msdnet_target_in_force_flops_per_request", "msdnet_objective_state",
+    "msdnet_degraded_seconds_total", "msdnet_degraded_answers_total", "msdnet_forecast_wait_seconds",
+    "msdnet_engine_busy_ratio", "msdnet_client_gone_requests_total", "msdnet_cancelled_images_total",
 })
 KNOWN_METRICS = SERVER_METRICS | {"up"}
 

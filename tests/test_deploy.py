@@ -315,7 +315,8 @@ def test_docker_compose_config_when_the_plugin_exists():
 
 # --- Prometheus ------------------------------------------------------------------
 
-ALERTS = {"MsdnetBudgetDrift": "5m", "MsdnetDeadlineMisses": "5m", "MsdnetErrorRate": "5m", "MsdnetTargetDown": "1m"}
+ALERTS = {"MsdnetBudgetDrift": "5m", "MsdnetDegraded": "15m", "MsdnetRefusingForObjective": "5m",
+          "MsdnetDeadlineMisses": "5m", "MsdnetErrorRate": "5m", "MsdnetTargetDown": "1m"}
 
 
 def test_promtool_check_config():

@@ -199,9 +199,10 @@ class EngineClient:
 
         Raises:
             errors.Saturated: (503, Retry-After) the latency objective refuses it.
+            errors.DeadlineExceeded: (504) its deadline cannot be met at the forecast wait.
         """
         if self._board is not None:
-            check_admission(self._board.read(), deadline_ms, started)
+            check_admission(self._board.read(), deadline_ms, started, self.metrics)
 
     def decode(self, data: bytes) -> np.ndarray:
         """As :meth:`server.service.Service.decode` (runs here, in the worker)."""

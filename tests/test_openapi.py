@@ -106,6 +106,13 @@ def test_not_ready_and_unexpected_errors_are_documented(spec):
     assert "408" in spec["paths"]["/classify"]["post"]["responses"]
 
 
+def test_every_503_documents_retry_after_and_the_latency_objective(spec):
+    for path, method in (("/classify", "post"), ("/batch", "post"), ("/v2/models/{name}/infer", "post")):
+        r503 = spec["paths"][path][method]["responses"]["503"]
+        assert r503["headers"]["Retry-After"]["schema"] == {"type": "integer"}, path
+        assert "MSDNET_LATENCY_SLO_MS" in r503["description"] and "before decoding" in r503["description"]
+
+
 def test_content_types_are_the_real_ones(spec):
     classify = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
     batch = spec["paths"]["/batch"]["post"]["requestBody"]["content"]

@@ -29,14 +29,21 @@ ERROR_MEANING = {400: "Bad image data, bad base64 or a malformed body", 401: "Mi
                  422: "Invalid parameter, budget below the minimum, or a non-finite network output",
                  500: "Internal error",
                  503: "Model not ready; the queue is full; or, with a latency objective (MSDNET_LATENCY_SLO_MS), "
-                      "even exit 1 cannot keep it, or the forecast queueing delay exceeds the request's deadline: "
-                      "refused at once, before decoding. Full and objective refusals carry Retry-After (seconds).",
-                 504: "The deadline passed before exit 1 could run"}
+                      "even exit 1 cannot keep it (or this HTTP process is behind): refused at once, before "
+                      "decoding. Full and objective refusals carry Retry-After (seconds).",
+                 504: "The deadline passed before exit 1 could run (with a latency objective: or cannot be met at "
+                      "the forecast queueing delay); nothing was computed"}
+
+
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying (queue full, or the latency "
+                                               "objective refusing).", "schema": {"type": "integer"}}}
 
 
 def error_responses(*statuses: int, model=ErrorBody) -> dict:
-    """OpenAPI ``responses`` for these error statuses with the error schema (and 500 always)."""
-    return {s: {"model": model, "description": ERROR_MEANING[s]} for s in sorted({*statuses, 500})}
+    """OpenAPI ``responses`` for these error statuses with the error schema (and 500
+    always); a 503 documents its ``Retry-After`` header."""
+    return {s: {"model": model, "description": ERROR_MEANING[s], **({"headers": RETRY_AFTER} if s == 503 else {})}
+            for s in sorted({*statuses, 500})}
 
 
 def error_response(exc: errors.ServiceError, path: str) -> JSONResponse:

@@ -233,6 +233,7 @@ class Service:
             obj.add_busy(busy_s)
             if not obj.due(now):
                 return
+            obj.set_target(self.keeper.target)  # PUT /budget, or the fleet's target adopted on the fleet thread
             changed = obj.update(now, self.forecast_wait(depths), self._model_threads)
             view, admission = obj.view(), obj.admission(obj.wait_s)
             degraded_s, self._degraded_s = obj.degraded_s - self._degraded_s, obj.degraded_s

@@ -149,3 +149,17 @@ def test_the_front_door_sheds_while_the_loop_is_behind_and_stops_when_it_catches
         door.observe(0.0)
         steps += 1
     assert steps <= round(door.max_share / door.fall) + 1 and door.admits(0.0)
+
+
+def test_in_fleet_mode_a_degraded_replica_charges_nothing_to_the_others():
+    from server.budget.controller import FleetView
+
+    degraded, other = BudgetController(EXITS, curve(), TARGET), BudgetController(EXITS, curve(), TARGET)
+    degraded.set_in_force(EXITS[0])
+    for _ in range(200):
+        degraded.observe(EXITS[0])  # every answer at exit 1, the target in force
+    assert degraded.deficit == 0.0  # no underspend credit against the configured target
+    alone = other.command
+    other.set_fleet(FleetView(deficit=degraded.deficit, bias_rate=degraded.bias * 10, rate=10.0), own_rate=10.0,
+                    horizon=200.0)
+    assert other.command == pytest.approx(alone, rel=1e-9)  # the other replica's command is unchanged

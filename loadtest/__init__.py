@@ -5,10 +5,13 @@
 - :mod:`loadtest.locustfile`: Locust scenarios (mixed /classify, deadlines, /batch).
 - :mod:`loadtest.naive_server`: the baseline, whole network per request, no batching.
 - :mod:`loadtest.bench`: ``python -m loadtest.bench --out docs`` (``make bench``) writes
-  docs/BENCHMARKS.md: capacity against the peers (:mod:`loadtest.capacity`, peers in
-  :mod:`loadtest.peers`), CPU by stage (:mod:`loadtest.stages`), stalls (:mod:`loadtest.stall`),
-  the per-block engine (:mod:`loadtest.blocks`) and :mod:`loadtest.parts`; the Markdown
-  :mod:`loadtest.report`, the plots :mod:`loadtest.plots`.
+  docs/BENCHMARKS.md from its parts, all in :mod:`loadtest.parts` (capacity against the
+  peers, peers in :mod:`loadtest.peers`; CPU by stage; deadlines; the controller; stalls;
+  the per-block engine), sized by one :class:`loadtest.common.Plan`; the capacity search
+  :mod:`loadtest.search`, the servers :mod:`loadtest.servers`; the Markdown
+  :mod:`loadtest.report` (section 1: :mod:`loadtest.capacityreport`), the plots
+  :mod:`loadtest.plots`. ``python3 -m loadtest.capacity`` (``stages``, ``stall``,
+  ``blocks``) runs one part alone.
 - :mod:`loadtest.harness`: the server-process harness (``free_port``, ``ServerProcess``)
   that the benchmarks and the tests (``tests/live.py``) share; it imports nothing from ``tests``.
 

@@ -7,18 +7,21 @@ a. capacity (highest Poisson rate with p99 <= 100 ms and no failure) of LitServe
    and Ray Serve running the checkpoint's whole network, and of msdnet-serve with
    its defaults (budget controller on), with 1 and 3 HTTP workers, and forced to
    the last exit; raw ``image/png`` and JSON base64 bodies; CPU cores busy of each
-   server and of the client (``loadtest.capacity``);
+   server and of the client (``parts.capacity``);
 s. CPU per request by stage, from a py-spy profile of every server process
-   (``loadtest.stages``);
+   (``parts.stages``);
 c. deadlines met at shares of msdnet-serve's capacity (``parts.deadlines``);
 b. budget controller tracking through a traffic-mix switch and a ``PUT /budget``
    (``parts.controller``);
 e. the controller's accuracy on steady traffic against fixed thresholds at the
    same mean FLOPs (``parts.accuracy``);
 f. no stall: ``/healthz`` and a small ``/classify`` while floods of huge images
-   and of already-expired requests arrive (``loadtest.stall``);
+   and of already-expired requests arrive (``parts.stall``);
 d. the per-block ONNX Runtime engine against ONNX Runtime's whole network and
-   torch eager, batch 1 and 64 (``loadtest.blocks``).
+   torch eager, batch 1 and 64 (``parts.blocks``).
+
+Every part is a module of :mod:`loadtest.parts`; one :class:`loadtest.common.Plan`
+sizes them all (``FULL``, or ``SMOKE`` with ``--smoke``).
 
 Parts c, b and e run on one msdnet-serve with its defaults, at shares of the
 capacity part a found for it. FLOPs everywhere = multiply-accumulates of convs
@@ -46,14 +49,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import capacity, stages, stall
-from .common import FULL, SMOKE, Plan, log
+from .common import ENCODINGS, FULL, SMOKE, Plan, log
 from .machine import machine_info
-from .parts import accuracy, controller, deadlines
+from .parts import accuracy, capacity, controller, deadlines, stages, stall
 from .parts.offline import easy_hard, offline_eval
 from .plots import write_plots
 from .report import report
 from .samples import load_test_set, to_samples
+from .servers import msdnet
 
 PARTS = "ascbefd"
 
@@ -108,14 +111,15 @@ def default_workers() -> int:
     return min(4, usable_cpus())
 
 
-def run_capacity(res: dict, checkpoint: str, samples, smoke: bool, slo_ms: float, only: list[str] | None,
+def run_capacity(res: dict, checkpoint: str, samples, plan: Plan, slo_ms: float, only: list[str] | None,
                  last_flops: int) -> None:
-    """Part a into ``res["a"]`` (the layout of ``loadtest.capacity``'s capacity.json)."""
-    plan = capacity.SMOKE if smoke else capacity.FULL
+    """Part a into ``res["a"]`` (the layout of ``loadtest.capacity``'s capacity.json);
+    ``slo_ms``: the p99 bound (ms), ``last_flops``: the last exit's cost (FLOPs)."""
+    smoke = res["smoke"]
     configs = [c for c in capacity.bench_grid(checkpoint, last_flops, smoke)
                if not only or c.key in only or c.family in only]
     expected = capacity.reference_classes(checkpoint, samples) if smoke else None
-    a = {"smoke": smoke, "plan": dataclasses.asdict(plan), "slo_ms": slo_ms, "images": len(samples),
+    a = {"smoke": smoke, "plan": plan.search_dict(), "slo_ms": slo_ms, "images": len(samples),
          "command": res["command"], "started": res["started"], "machine": {"cpus": res["machine"]["cpus"]},
          "loadavg_at_start": res["machine"]["loadavg_at_start"]}
     a["servers"], a["failures"] = capacity.measure_configs(configs, samples, plan, slo_ms, expected)
@@ -128,7 +132,7 @@ def run_on_default_server(res: dict, parts: set[str], ck, checkpoint: str, test,
     """Parts c, b and e on one msdnet-serve with its defaults (a budget token set)."""
     cap = msdnet_capacity(res.get("a")) or plan.fallback_capacity
     token = secrets.token_hex(16)
-    cfg = capacity.msdnet(checkpoint, None)
+    cfg = msdnet(checkpoint, None)
     srv = cfg.make()
     srv.env.update({"MSDNET_BUDGET_TOKEN": token, "MSDNET_WARMUP_ROUNDS": str(plan.warmup_rounds)})
     flops = ck.exit_flops(lazy=True)
@@ -148,7 +152,7 @@ def run_on_default_server(res: dict, parts: set[str], ck, checkpoint: str, test,
 
 def run_stall(res: dict, checkpoint: str, samples, plan: Plan) -> None:
     """Part f on its own msdnet-serve with its defaults."""
-    srv = capacity.msdnet(checkpoint, None).make()
+    srv = msdnet(checkpoint, None).make()
     with srv:
         log(f"part f: stall, {plan.stall_s:g} s of floods")
         f = stall.run(srv.url, plan.stall_s, 2, samples[0].png)
@@ -160,7 +164,7 @@ def run_stages(res: dict, checkpoint: str, samples, plan: Plan) -> None:
     """Part s: the stage split with the default workers, both encodings."""
     rows = []
     raw = Path(tempfile.mkdtemp(prefix="msdnet-bench-pyspy-"))  # the raw profiles: large, not for docs/
-    for enc in capacity.ENCODINGS:
+    for enc in ENCODINGS:
         log(f"part s: CPU by stage, {enc}, {plan.stages_rate:g} req/s (raw py-spy profile in {raw})")
         rows.append(stages.profile_once(checkpoint, default_workers(), plan.stages_rate, plan.stages_s, samples, enc,
                                         plan.stages_spy_rate, raw / f"pyspy_{enc}.txt"))
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.checkpoint import load as load_checkpoint
     from model.evaluate import collect_logits
 
-    from . import blocks
+    from .parts import blocks
 
     started = time.time()
     plan = SMOKE if args.smoke else FULL
@@ -219,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'smoke' if args.smoke else 'full'}")
 
     test = load_test_set(args.data_dir)
-    if plan.images is not None:
-        test = test.subset(torch.arange(min(plan.images, len(test))))
+    if plan.test_images is not None:
+        test = test.subset(torch.arange(min(plan.test_images, len(test))))
     log(f"offline evaluation on {len(test)} test images")
     with torch.inference_mode():
         logits = collect_logits(ck.model, test, ck.transforms.mean, ck.transforms.std).numpy()
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "a" in parts:
         log("part a: capacity against the peers")
-        run_capacity(res, checkpoint, samples, args.smoke, args.slo_ms, args.servers, last_flops)
+        run_capacity(res, checkpoint, samples, plan, args.slo_ms, args.servers, last_flops)
     if "s" in parts:
         run_stages(res, checkpoint, samples, plan)
     if parts & set("cbe"):

@@ -1,6 +1,6 @@
-"""What the benchmark's parts, report and plots share: the plan (sizes of the
-parts), the targets (issue 12's bars), the plot file names, the log line and
-number formatting."""
+"""What the benchmarks' parts, reports and plots share: the plan (sizes of every
+part, the capacity search's included), the request encodings, the targets (issue
+12's bars), the plot file names, the log line and number formatting."""
 
 from __future__ import annotations
 
@@ -23,14 +23,28 @@ TARGET_BLOCKS_B1 = 1 / 1.5      # d: the same at batch 1, at least
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes of the parts that are not part a (``loadtest.capacity.Plan`` sizes a).
-    Rates in requests/s, times in seconds."""
+    """Sizes of a benchmark run, for every part: the capacity search (part a,
+    ``python3 -m loadtest.capacity``, ``loadtest.realbench``, ``loadtest.soak``:
+    the fields up to ``images``, :data:`SEARCH_FIELDS`) and the bench's other
+    parts (c, b, e, f, s, d). Rates in requests/s, times in seconds."""
 
-    min_rate: float = 5.0
+    # The capacity search (loadtest.search, loadtest.parts.capacity).
+    start: float = 150.0          # first rate tried
+    max_rate: float = 3200.0      # doubling stops above this
+    min_rate: float = 5.0         # halving stops below this; also the lowest rate of parts c and b
+    trial_s: float = 5.0          # scored seconds per trial
+    warmup_s: float = 1.0         # unscored seconds before each trial
+    pause_s: float = 1.0          # between trials and between configurations
+    timeout_s: float = 5.0        # a request not answered by then failed (every part)
+    stop_ratio: float = 1.12      # bisect until hi / lo < this
+    max_trials: int = 8           # from 150 req/s: 5 doublings to 4800, then 3 bisections
+    max_search_s: float = 80.0    # per (configuration, encoding)
+    images: int = 2000            # sample images cycled through (loadtest.capacity, loadtest.realbench)
+    # The bench's other parts (loadtest.bench).
+    test_images: int | None = None  # test images evaluated and sent (None: all 10,000)
     fallback_capacity: float = 200.0  # c, b, e when part a did not run
-    warmup_s: float = 1.5         # unscored seconds before each run
-    pause_s: float = 2.0          # between runs (the server drains)
-    timeout_s: float = 5.0        # a request not answered by then failed
+    part_warmup_s: float = 1.5    # unscored seconds before each run of part c
+    part_pause_s: float = 2.0     # after each run of parts c, b, e (the server drains)
     confirm_images: int = 10_000  # part e: each test image once
     accuracy_load: float = 0.5    # part e's rate, as a fraction of the capacity
     controller_phase: int = 3000  # requests per phase of part b
@@ -45,14 +59,23 @@ class Plan:
     blocks_threads: tuple[int, ...] = (1, 2)
     blocks_batches: tuple[int, ...] = (1, 64)
     blocks_s: float = 3.0
-    images: int | None = None     # test images used (None: all 10,000)
     warmup_rounds: int = 5        # the server's MSDNET_WARMUP_ROUNDS
 
+    def search_dict(self) -> dict:
+        """The capacity search's fields (:data:`SEARCH_FIELDS`) by name, as a run's
+        JSON stores them (rates in requests/s, times in seconds)."""
+        return {k: getattr(self, k) for k in SEARCH_FIELDS}
 
+
+SEARCH_FIELDS = ("start", "max_rate", "min_rate", "trial_s", "warmup_s", "pause_s", "timeout_s", "stop_ratio",
+                 "max_trials", "max_search_s", "images")
 FULL = Plan()
-SMOKE = Plan(fallback_capacity=20.0, warmup_s=0.2, pause_s=0.1, confirm_images=60, controller_phase=24,
-             controller_window=12, deadline_s=0.5, stall_s=2.0, stages_rate=20.0, stages_s=1.0,
-             blocks_threads=(1,), blocks_batches=(1, 4), blocks_s=0.2, images=200, warmup_rounds=1)
+SMOKE = Plan(start=15.0, trial_s=2.0, warmup_s=0.5, pause_s=0.2, max_trials=1, max_search_s=10.0, images=60,
+             test_images=200, fallback_capacity=20.0, part_warmup_s=0.2, part_pause_s=0.1, confirm_images=60,
+             controller_phase=24, controller_window=12, deadline_s=0.5, stall_s=2.0, stages_rate=20.0, stages_s=1.0,
+             blocks_threads=(1,), blocks_batches=(1, 4), blocks_s=0.2, warmup_rounds=1)
+ENCODINGS = ("png", "json")  # png: the raw image body (image/png or image/jpeg, as the sample file is)
+ENCODING_LABELS = {"png": "raw image/png", "json": "JSON base64"}
 
 
 def log(msg: str) -> None:

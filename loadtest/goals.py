@@ -6,8 +6,10 @@ paper), cumulative per exit; 1 MFLOPs = 10⁶ of them."""
 
 from __future__ import annotations
 
-from . import capacity
+from .capacityreport import best_per_family
 from .common import (
+    ENCODING_LABELS,
+    ENCODINGS,
     TARGET_ACC_DROP_POINTS,
     TARGET_BLOCKS_B1,
     TARGET_BLOCKS_B64,
@@ -34,7 +36,7 @@ def _get(d: dict, k):
 
 def best_of(a: dict, family: str, enc: str) -> tuple[str, float, dict] | None:
     """(key, capacity, trial at capacity) of ``family``'s best configuration for ``enc``."""
-    found = capacity.best_per_family(a).get(family, {}).get(enc)
+    found = best_per_family(a).get(family, {}).get(enc)
     if found is None:
         return None
     key, cap = found
@@ -55,7 +57,7 @@ def figures(res: dict) -> dict:
     f: dict = {}
     a = res.get("a")
     if a:
-        for enc in capacity.ENCODINGS:
+        for enc in ENCODINGS:
             m, last = default_of(a, "msdnet", enc), default_of(a, "msdnet-last", enc)
             peers = {fam: best_of(a, fam, enc) for fam in ("litserve", "ray")}
             row = {"msdnet": m, "last": last, "peers": peers}
@@ -80,7 +82,7 @@ def goals_section(res: dict) -> list[str]:
     """Issue 12's goals: one row each with the figure of this run and whether it is met."""
     fig, rows = figures(res), []
     if res.get("a"):
-        for enc in capacity.ENCODINGS:
+        for enc in ENCODINGS:
             r = fig.get(enc, {})
             if not r.get("msdnet"):
                 continue
@@ -88,11 +90,11 @@ def goals_section(res: dict) -> list[str]:
             ok = all(v is not None and v >= TARGET_PEER_RATIO for v in ratios.values())
             lit, ray = (fmt(r["peers"][k] and r["peers"][k][1], "{:g}") for k in ("litserve", "ray"))
             rows.append([f"1. capacity at p99 ≤ {res['slo_ms']:g} ms ≥ {TARGET_PEER_RATIO}× LitServe's and Ray "
-                         f"Serve's ({capacity.ENCODING_LABELS[enc]})",
+                         f"Serve's ({ENCODING_LABELS[enc]})",
                          f"{r['msdnet'][1]:g} req/s: {ratio(ratios['litserve'])} LitServe's best ({lit}), "
                          f"{ratio(ratios['ray'])} Ray Serve's ({ray})", yes(ok)])
             lv = r.get("last_vs_best_peer")
-            rows.append([f"1. forced to the last exit ≥ the best peer ({capacity.ENCODING_LABELS[enc]})",
+            rows.append([f"1. forced to the last exit ≥ the best peer ({ENCODING_LABELS[enc]})",
                          f"{fmt(r['last'] and r['last'][1], '{:g}')} req/s = {ratio(lv)} the best peer",
                          yes(lv is not None and lv >= 1)])
     e = res.get("e")
@@ -103,12 +105,12 @@ def goals_section(res: dict) -> list[str]:
                      f"({d:+.2f} points, {e['answered']:,} test images, section 7)",
                      yes(d >= -TARGET_ACC_DROP_POINTS)])
     if res.get("a"):
-        for enc in capacity.ENCODINGS:
+        for enc in ENCODINGS:
             r = fig.get(enc, {})
             if r.get("server_cores") is None:
                 continue
             rows.append([f"2. server processes keep ≥ {TARGET_SERVER_CORES} cores busy at capacity "
-                         f"({capacity.ENCODING_LABELS[enc]})",
+                         f"({ENCODING_LABELS[enc]})",
                          f"server {r['server_cores']:.2f} + client {r['client_cores']:.2f} cores",
                          yes(r["server_cores"] >= TARGET_SERVER_CORES)])
     if res.get("s"):
@@ -144,9 +146,9 @@ def goals_section(res: dict) -> list[str]:
         rows.append(["5. per-block engine's GMAC/s ≥ whole-network ONNX Runtime's at batch 64, within 1.5× at "
                      "batch 1", "; ".join(cells), yes(ok)])
     if res.get("a"):
-        cells = [f"{capacity.ENCODING_LABELS[enc]}: {ratio(fig[enc].get('gain'))} (FLOPs ratio "
+        cells = [f"{ENCODING_LABELS[enc]}: {ratio(fig[enc].get('gain'))} (FLOPs ratio "
                  f"{ratio(fig[enc].get('flops_ratio'))})"
-                 for enc in capacity.ENCODINGS if fig.get(enc, {}).get("msdnet")]
+                 for enc in ENCODINGS if fig.get(enc, {}).get("msdnet")]
         rows.append(["6. early-exit gain: capacity controller on / forced to the last exit, beside the FLOPs ratio",
                      "; ".join(cells) + " (section 6)", "reported"])
     b = res.get("b")

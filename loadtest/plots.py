@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import PNGS, TARGET_DEADLINE_SHARE
+from .common import ENCODING_LABELS, ENCODINGS, PNGS, TARGET_DEADLINE_SHARE
 
 
 def _plt():
@@ -20,10 +20,10 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path, dpi: float | None = None) -> None:
     plt = _plt()
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -88,13 +88,56 @@ def plot_deadlines(rows: list[dict], num_exits: int, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_capacity(a: dict, path: Path) -> None:
+    """Capacity (requests/s at the p99 SLO) per server configuration and encoding,
+    as bars; ``a``: a capacity run (capacity.json, or the bench's part a). Nothing
+    is drawn when no configuration was measured."""
+    servers = [(k, s) for k, s in a["servers"].items() if s.get("encodings")]
+    if not servers:
+        return
+    plt = _plt()
+    x = np.arange(len(servers))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(servers) + 2), 4.5))
+    for j, enc in enumerate(ENCODINGS):
+        caps = [s["encodings"].get(enc, {}).get("capacity_rps", 0) for _, s in servers]
+        bars = ax.bar(x + (j - 0.5) * 0.38, caps, 0.38, label=ENCODING_LABELS[enc])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(x, [f"{s['label'].split(',')[0]}\n{s['key_short']}" for _, s in servers], fontsize=7)
+    ax.set_ylabel(f"capacity (req/s at p99 ≤ {a['slo_ms']:g} ms)")
+    ax.set_title("Capacity per server and configuration (same client, same images, same CPUs)", fontsize=9)
+    ax.legend(fontsize=8)
+    _save(fig, path, dpi=120)
+
+
+def plot_latency(a: dict, path: Path) -> None:
+    """p99 latency (ms) against offered load (requests/s): every trial of every
+    configuration of a capacity run ``a``, one panel per encoding (log scale; the
+    SLO as a line)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(ENCODINGS), figsize=(11, 4.2), sharey=True)
+    for ax, enc in zip(np.atleast_1d(axes), ENCODINGS):
+        for key, srv in a["servers"].items():
+            trials = sorted(srv.get("encodings", {}).get(enc, {}).get("trials", []), key=lambda t: t["rate"])
+            if trials:
+                ax.plot([t["rate"] for t in trials], [max(t["p99_ms"], 1.0) for t in trials], "o-", ms=3,
+                        label=key)
+        ax.axhline(a["slo_ms"], color="grey", ls="--", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("offered load (requests/s, Poisson)")
+        ax.set_title(ENCODING_LABELS[enc], fontsize=9)
+    np.atleast_1d(axes)[0].set_ylabel("p99 latency (ms)")
+    np.atleast_1d(axes)[-1].legend(fontsize=6)
+    fig.suptitle("Latency against load, every trial of the capacity search (same client, same CPUs)", fontsize=9)
+    _save(fig, path, dpi=120)
+
+
 def write_plots(res: dict, out: Path) -> None:
     """Every plot whose part is in ``res``, into the folder ``out`` (names: ``PNGS``)."""
-    from . import capacity, stages
+    from .parts import stages
 
     if res.get("a"):
-        capacity.plot(res["a"], out / PNGS["capacity"])
-        capacity.plot_latency(res["a"], out / PNGS["latency"])
+        plot_capacity(res["a"], out / PNGS["capacity"])
+        plot_latency(res["a"], out / PNGS["latency"])
     if res.get("s"):
         stages.plot(res["s"]["rows"], out / PNGS["stages"])
     if res.get("b"):

@@ -11,7 +11,7 @@ ms for CIFAR and 28 x 28, <= 500 ms for ImageNet; ``--slo-ms``). In one run:
 1. **decode**: decode + preprocessing per image, full JPEG decode against
    Pillow's draft mode, with the tensor's difference (``loadtest.decodecost``);
 2. **blocks**: the per-block engine against the whole network in ONNX Runtime,
-   GMAC/s at batch 1 and typical batches, 1 and 2 threads (``loadtest.blocks``);
+   GMAC/s at batch 1 and typical batches, 1 and 2 threads (``loadtest.parts.blocks``);
 3. **capacity**: the grid (:data:`DEFAULT_GRID`, or ``--grid FILE.json`` of the
    same shape): LitServe (1 and 2 inference workers, 1 or 2 threads) and Ray
    Serve (1 and 2 replicas) with the whole network in ONNX Runtime, and in torch
@@ -19,7 +19,7 @@ ms for CIFAR and 28 x 28, <= 500 ms for ImageNet; ``--slo-ms``). In one run:
    FLOPs and forced to the last exit, each with any ``MSDNET_*`` settings (e.g.
    ``MSDNET_MODEL_THREADS``; a configuration whose ``needs`` names a setting the
    server does not have is skipped, and says so). Per configuration and
-   encoding: capacity (``loadtest.capacity.find_capacity``), p99, mean MFLOPs per
+   encoding: capacity (``loadtest.parts.capacity.measure_configs``), p99, mean MFLOPs per
    answer, effective GMAC/s, server cores, the server tree's peak RSS, and for
    msdnet-serve the block batch sizes it formed (``msdnet_batch_size``).
 
@@ -44,15 +44,15 @@ import json
 import os
 import shlex
 import sys
-import time
 import urllib.request
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-from . import capacity as cap
-from .common import log
+from .common import ENCODINGS, FULL, SMOKE, Plan, log
+from .parts import capacity as cap
+from .servers import ServerConfig, litserve, msdnet, ray
 
-ENCODINGS = ("png", "json")  # png: the raw image body (image/jpeg or image/png as the file is)
 DEFAULT_GRID: dict = {
     "peers": [
         {"server": "litserve", "api_servers": 1, "workers": 1, "threads": 1, "runtime": "onnxruntime"},
@@ -86,7 +86,7 @@ def server_settings() -> set[str]:
     return set(Settings.model_fields)
 
 
-def configs(grid: dict, checkpoint: str, last_flops: int) -> tuple[list[cap.ServerConfig], list[str]]:
+def configs(grid: dict, checkpoint: str, last_flops: int) -> tuple[list[ServerConfig], list[str]]:
     """The grid as server configurations, and a note per skipped one. ``grid``:
     ``{"peers": [{"server": "litserve", "api_servers", "workers", "threads",
     "runtime"} | {"server": "ray", "replicas", "threads", "runtime"}], "msdnet":
@@ -99,9 +99,9 @@ def configs(grid: dict, checkpoint: str, last_flops: int) -> tuple[list[cap.Serv
     known = server_settings()
     for p in grid.get("peers", []):
         if p["server"] == "litserve":
-            out.append(cap.litserve(checkpoint, p.get("api_servers", 1), p["workers"], p["threads"], p["runtime"]))
+            out.append(litserve(checkpoint, p.get("api_servers", 1), p["workers"], p["threads"], p["runtime"]))
         elif p["server"] == "ray":
-            out.append(cap.ray(checkpoint, p["replicas"], p["threads"], p["runtime"]))
+            out.append(ray(checkpoint, p["replicas"], p["threads"], p["runtime"]))
         else:
             raise ValueError(f"unknown peer server {p['server']!r}")
     for m in grid.get("msdnet", []):
@@ -110,9 +110,9 @@ def configs(grid: dict, checkpoint: str, last_flops: int) -> tuple[list[cap.Serv
             continue
         t = m["target"]
         if t == "last":
-            out.append(cap.msdnet(checkpoint, None, last_flops, env=m.get("env"), tag=m["tag"]))
+            out.append(msdnet(checkpoint, None, last_flops, env=m.get("env"), tag=m["tag"]))
         elif isinstance(t, int | float) and 0 < t <= 1:
-            out.append(cap.msdnet(checkpoint, None, target_flops=t * last_flops, env=m.get("env"), tag=m["tag"]))
+            out.append(msdnet(checkpoint, None, target_flops=t * last_flops, env=m.get("env"), tag=m["tag"]))
         else:
             raise ValueError(f"msdnet {m['tag']}: target {t!r} is neither a share in (0, 1] nor 'last'")
     return out, skipped
@@ -156,65 +156,31 @@ def _diff(after: dict, before: dict) -> dict:
                 "largest_bucket_since_start": v["largest_bucket"]} for k, v in after.items()}
 
 
-def run_capacity(cfgs: list[cap.ServerConfig], samples, plan: cap.Plan, slo_ms: float, encodings,
-                 expected=None) -> tuple[dict, list[str]]:
-    """Each configuration in turn: per encoding, the capacity search (or, with
-    ``expected``, the smoke trial, answers checked). Returns ``(servers, failures)``
-    as ``loadtest.capacity.measure_configs``, with ``rss_peak_mib`` (over every
-    trial) and, for msdnet-serve, ``batches`` (per block, over the search)."""
-    servers: dict = {}
-    failures: list[str] = []
-    for c in cfgs:
-        e = servers[c.key] = {"family": c.family, "label": c.label, "config": c.config, "encodings": {}}
-        if not c.installed():
-            e["error"] = f"not installed ({c.module})"
-            failures.append(f"{c.key}: {e['error']}")
-            continue
-        log(f"{c.key}: {c.label}, {c.config}")
-        try:
-            with c.make() as srv:
-                for enc in encodings:
-                    make = cap.make_requests(samples, enc)
-                    before = batch_stats(srv.url) if c.family.startswith("msdnet") else None
-                    if expected is not None:
-                        s, r = cap.trial(srv, make, plan.start, plan, float("inf"))
-                        problems = cap.smoke_check(r.records, expected, len(samples), c.family)
-                        s["problems"] = problems[:20]
-                        run = {"capacity_rps": 0.0, "at_capacity": s, "trials": [s]}
-                        failures += [f"{c.key} {enc}: {x}" for x in problems[:5]]
-                        if not r.records:
-                            failures.append(f"{c.key} {enc}: no request sent")
-                        log(f"  {enc}: {s['ok']}/{s['requests']} answered 200, {len(problems)} problem(s)")
-                    else:
-                        run = cap.find_capacity(srv, make, plan, slo_ms, f"{c.key} {enc}")
-                        log(f"  {enc}: capacity {run['capacity_rps']} req/s")
-                    run["rss_peak_mib"] = max((t.get("server_rss_peak_mib") or 0.0 for t in run["trials"]),
-                                              default=None)
-                    if before is not None:
-                        run["batches"] = _diff(batch_stats(srv.url), before)
-                    e["encodings"][enc] = run
-        except RuntimeError as exc:  # did not start
-            e["error"] = str(exc).splitlines()[0][:300]
-            failures.append(f"{c.key}: {e['error']}")
-            log(f"{c.key}: {exc}"[:2000])
-        time.sleep(plan.pause_s)
-    return servers, failures
+def batches_since(cfg: ServerConfig, srv) -> Callable[[], dict]:
+    """For msdnet-serve: a function giving ``{"batches": ...}``, the block batch sizes
+    ``srv`` formed since this call (:func:`batch_stats` differences); for a peer, ``{}``.
+    ``loadtest.parts.capacity.measure_configs``'s ``observe``."""
+    if not cfg.family.startswith("msdnet"):
+        return dict
+    before = batch_stats(srv.url)
+    return lambda: {"batches": _diff(batch_stats(srv.url), before)}
 
 
-def plan_for(last_flops: int, smoke: bool) -> cap.Plan:
+def plan_for(last_flops: int, smoke: bool) -> Plan:
     """The search plan: the capacity module's, starting at a rate the network's size
     makes plausible (0.4 x 80 GMAC/s / last exit's FLOPs, between 5 and 150 req/s)."""
     if smoke:
-        return replace(cap.SMOKE, start=20.0, images=40, trial_s=1.0, warmup_s=0.3)
+        return replace(SMOKE, start=20.0, images=40, trial_s=1.0, warmup_s=0.3)
     start = max(5.0, min(150.0, round(0.4 * 80e9 / last_flops)))
-    return replace(cap.FULL, start=start, images=200)
+    return replace(FULL, start=start, images=200)
 
 
 def main(argv: list[str] | None = None) -> int:
     from model.checkpoint import load
 
-    from . import blocks, decodecost, realreport, realsize
+    from . import decodecost, realreport, realsize
     from .machine import machine_info
+    from .parts import blocks
     from .samples import samples_for
 
     p = argparse.ArgumentParser(prog="python3 -m loadtest.realbench", description=__doc__.splitlines()[0])
@@ -263,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         samples, source = samples_for(checkpoint, a.data_dir, limit=plan.images, camera_share=a.camera_share)
         log(f"capacity: {len(cfgs)} configuration(s), images: {len(samples)} {source}, SLO p99 <= {slo:g} ms")
         expected = cap.reference_classes(checkpoint, samples) if a.smoke else None
-        res["capacity"] = {"plan": asdict(plan), "images": len(samples), "images_source": source,
+        res["capacity"] = {"plan": plan.search_dict(), "images": len(samples), "images_source": source,
                            "skipped": skipped, "grid": grid, "loadavg_at_start": os.getloadavg()}
-        res["capacity"]["servers"], failures = run_capacity(cfgs, samples, plan, slo, a.encodings, expected)
+        res["capacity"]["servers"], failures = cap.measure_configs(cfgs, samples, plan, slo, expected,
+                                                                   tuple(a.encodings), batches_since)
         res["capacity"]["loadavg_at_end"] = os.getloadavg()
     res["failures"] = failures
     (out / f"realbench-{name}.json").write_text(json.dumps(res, indent=1, default=float))

@@ -126,8 +126,8 @@ def machine_use(res: dict) -> list[str]:
 
 def section(res: dict) -> str:
     """The whole section: header, network, capacity, blocks, decode."""
-    from .blocks import table as blocks_table
     from .decodecost import table as decode_table
+    from .parts.blocks import table as blocks_table
 
     m = res["machine"]
     speed = " (speed-only: random weights; answers meaningless)" if res.get("speed_only") else ""

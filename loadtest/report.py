@@ -5,10 +5,11 @@ cumulative per exit; 1 MFLOPs = 10⁶ of them."""
 
 from __future__ import annotations
 
-from . import capacity, stages
-from .common import PNGS, TARGET_DEADLINE_SHARE, TARGET_FLOPS_ERROR, exit_shares, fmt, pct, table, yes
+from . import capacityreport
+from .common import ENCODING_LABELS, PNGS, TARGET_DEADLINE_SHARE, TARGET_FLOPS_ERROR, exit_shares, fmt, pct, table, yes
 from .goals import MF, figures, goals_section
 from .goals import ratio as _ratio
+from .parts import stages
 from .parts.accuracy import TARGET_POINTS
 
 
@@ -139,14 +140,14 @@ def deadlines_section(res: dict) -> list[str]:
 
 
 def capacity_section(res: dict) -> list[str]:
-    """Section 1: the tables of ``loadtest.capacity`` and its two plots."""
+    """Section 1: the tables of ``loadtest.capacity`` (``loadtest.capacityreport``) and its two plots."""
     a = res["a"]
     out = ["## 1. Capacity against LitServe and Ray Serve", "",
            "Each server in each configuration starts alone on the machine; the search runs once per request "
            "encoding. Peers: `loadtest/peers/` (the checkpoint's whole network in torch eager, each peer's own "
            "dynamic batching, max batch 64, 2 ms wait). msdnet-serve forced to the last exit: "
            "`MSDNET_TARGET_FLOPS` = the last exit's cost, so every image runs every block.", ""]
-    out += capacity.report(a).splitlines()
+    out += capacityreport.report(a).splitlines()
     if a.get("failures"):
         out += ["", "Failures: " + "; ".join(a["failures"])]
     return out + ["", f"![capacity per server]({PNGS['capacity']})", "",
@@ -157,7 +158,7 @@ def machine_section(res: dict) -> list[str]:
     """Section 2: cores busy at capacity and the CPU per request by stage."""
     fig = figures(res)
     out = ["## 2. Machine use and CPU per request by stage", ""]
-    rows = [[capacity.ENCODING_LABELS[enc], fmt(r["msdnet"][1], "{:g}"), fmt(r.get("server_cores"), "{:.2f}"),
+    rows = [[ENCODING_LABELS[enc], fmt(r["msdnet"][1], "{:g}"), fmt(r.get("server_cores"), "{:.2f}"),
              fmt(r.get("client_cores"), "{:.2f}"), fmt(r["msdnet"][2].get("server_cpu_ms"), "{:.2f}")]
             for enc, r in fig.items() if r.get("msdnet")]
     if rows:
@@ -168,9 +169,9 @@ def machine_section(res: dict) -> list[str]:
     if s:
         out += [f"CPU per request by stage: py-spy samples every process of the server ({s['spy_rate']} Hz, non-idle "
                 f"threads) while the open-loop client sends {s['rate']:g} requests/s for {s['seconds']:g} s; each "
-                "sample goes to the stage of its innermost frame that names one (`loadtest/stages.py`); a stage's "
-                "share of the samples times the process tree's measured CPU per answered request is its CPU per "
-                "request. \"event loop\": uvloop's native code (socket reads and writes, epoll, wake-ups) and "
+                "sample goes to the stage of its innermost frame that names one (`loadtest/parts/stages.py`); a "
+                "stage's share of the samples times the process tree's measured CPU per answered request is its "
+                "CPU per request. \"event loop\": uvloop's native code (socket reads and writes, epoll, wake-ups) and "
                 "asyncio bookkeeping; \"ipc\": the engine socket and msgpack; \"schedule\": service, scheduler, "
                 "runner and controller. A runnable thread waiting for a core counts as busy.", "",
                 *stages.report(s["rows"]).splitlines(), "", f"![CPU per request by stage]({PNGS['stages']})", ""]
@@ -188,7 +189,7 @@ def stall_section(res: dict) -> list[str]:
             f"{f['batch_clients']} clients send `/batch` requests of 4 RGBA 4096x4096 PNGs (64 MB of pixels each) "
             "back to back; bursts of 50 `/classify` requests of a 2048x2048 PNG with an already-passed "
             "`deadline_ms=1` arrive every ~0.2 s; two probes, each in its own process, time their requests "
-            "from the send (`loadtest/stall.py`).", "",
+            "from the send (`loadtest/parts/stall.py`).", "",
             *table(["probe", "requests", "p50 (ms)", "p99 (ms)", "max (ms)"], rows), "",
             f"Statuses: {', '.join(f'{k}: {v:,}' for k, v in sorted(f['statuses'].items()))}; the server counted "
             f"{f['rejected_deadline']:.0f} requests as `msdnet_rejected_requests_total{{reason=\"deadline\"}}`, "
@@ -197,7 +198,7 @@ def stall_section(res: dict) -> list[str]:
 
 def blocks_section(res: dict) -> list[str]:
     """Section 5: ``loadtest.blocks``'s table."""
-    from . import blocks
+    from .parts import blocks
 
     d = res["d"]
     mi = d["macs_per_image"]
@@ -220,7 +221,7 @@ def gain_section(res: dict) -> list[str]:
         if not r.get("msdnet") or not r.get("last"):
             continue
         m, last = r["msdnet"][2], r["last"][2]
-        rows.append([capacity.ENCODING_LABELS[enc], f"{r['msdnet'][1]:g}", f"{r['last'][1]:g}",
+        rows.append([ENCODING_LABELS[enc], f"{r['msdnet'][1]:g}", f"{r['last'][1]:g}",
                      f"**{_ratio(r.get('gain'))}**",
                      fmt(m.get("mean_flops") and m["mean_flops"] / MF, "{:.2f}"),
                      fmt(last.get("mean_flops") and last["mean_flops"] / MF, "{:.2f}"), _ratio(r.get("flops_ratio")),

@@ -13,7 +13,7 @@ Fashion-MNIST test PNGs to ``POST /classify`` at a fixed open-loop rate for
 - ``soak.png``: RSS over time.
 
 Rate: ``--rate`` requests/s, or ``--load`` (default 0.8) x ``--capacity``; with
-neither given the capacity is measured first (``loadtest.capacity.find_capacity``,
+neither given the capacity is measured first (``loadtest.parts.capacity.find_capacity``,
 short trials). Goal (issue 10, item 15): under 2% growth from minute 5 to the end.
 
     python -m loadtest.soak --rate 250 --minutes 15 --out /tmp/soak
@@ -317,9 +317,10 @@ def _load(url: str, samples, rate: float, seconds: float, chunk_s: float, timeou
 
 
 def _measure_capacity(srv: ServerProcess, samples) -> float:
-    from . import capacity
+    from .common import Plan
+    from .parts import capacity
 
-    plan = capacity.Plan(start=100.0, trial_s=6.0, warmup_s=1.0, pause_s=1.0, max_trials=8, max_search_s=120.0)
+    plan = Plan(start=100.0, trial_s=6.0, warmup_s=1.0, pause_s=1.0, max_trials=8, max_search_s=120.0)
     return capacity.find_capacity(srv, capacity.make_requests(samples, "png"), plan, 100.0, "soak")["capacity_rps"]
 
 

@@ -1,6 +1,7 @@
 """Pure pieces of the benchmark (no server, no model): the report's table helper,
 part b's window errors and part e's fixed-threshold comparison (hand-computed),
-the goal figures of the report, and the import direction loadtest -> not tests."""
+the capacity search on fake trials, the goal figures of the report, and the
+import direction loadtest -> not tests."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtest.common import table
+from loadtest.common import FULL, SMOKE, Plan, table
 from loadtest.goals import figures, goals_section
 from loadtest.parts.accuracy import accuracy_at, fixed_curve
 from loadtest.parts.controller import window_errors
+from loadtest.search import search_capacity
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +59,51 @@ def _search(cap: float, flops: float, server_cores: float) -> dict:
                                                                "server_cores": server_cores, "client_cores": 0.2}}
 
 
+def below(limit: float):
+    """A fake trial: a rate (requests/s) passes when it is under ``limit``."""
+    return lambda rate: rate < limit
+
+
+def test_search_doubles_then_bisects_to_the_ratio_step():
+    found = search_capacity(below(437), Plan(start=100, stop_ratio=1.05, max_trials=20, max_search_s=60))
+    # 100, 200, 400 pass, 800 fails; then sqrt(lo * hi) until hi / lo < 1.05.
+    assert found.tried == [(100, True), (200, True), (400, True), (800, False), (565.7, False), (475.7, False),
+                           (436.2, True), (455.5, False)]
+    assert found.lo == pytest.approx(436.2031, abs=1e-4) and found.hi == pytest.approx(455.5155, abs=1e-4)
+    assert found.hi / found.lo < 1.05
+
+
+def test_search_halves_while_the_first_rate_fails():
+    found = search_capacity(below(437), Plan(start=1000, stop_ratio=1.05, max_trials=3))
+    assert found.tried == [(1000, False), (500.0, False), (250.0, True)] and (found.lo, found.hi) == (250.0, 500.0)
+    found = search_capacity(below(437), Plan(start=1000, stop_ratio=1.05))  # 8 trials: bisects after the halving
+    assert [r for r, _ in found.tried] == [1000, 500.0, 250.0, 353.6, 420.4, 458.5, 439.1]
+    assert found.lo == pytest.approx(420.4482, abs=1e-4) and found.hi == pytest.approx(439.0630, abs=1e-4)
+
+
+def test_search_bounds_nothing_passes_and_everything_passes():
+    # Halving stops before a rate under min_rate (5 req/s): 9.375 / 2 < 5.
+    found = search_capacity(below(0), Plan(start=150))
+    assert [r for r, _ in found.tried] == [150, 75.0, 37.5, 18.8, 9.4] and found.lo is None and found.hi == 9.375
+    # Doubling stops above max_rate (3200 req/s): nothing failed, so no upper bound.
+    found = search_capacity(below(1e9), FULL)
+    assert [r for r, _ in found.tried] == [150.0, 300.0, 600.0, 1200.0, 2400.0]
+    assert (found.lo, found.hi) == (2400.0, None)
+    # The smoke plan runs one trial.
+    assert search_capacity(below(1e9), SMOKE).tried == [(15.0, True)]
+
+
+def test_search_starts_no_trial_after_max_search_s():
+    now = [0.0]
+
+    def trial_of_30_s(rate: float) -> bool:
+        now[0] += 30.0  # a fake clock: each trial takes 30 s of it
+        return rate < 437
+
+    found = search_capacity(trial_of_30_s, Plan(start=100, max_trials=20, max_search_s=80), clock=lambda: now[0])
+    assert found.tried == [(100, True), (200, True), (400, True)] and (found.lo, found.hi) == (400, None)
+
+
 def test_goal_figures_use_the_defaults_and_each_peers_best():
     a = {"servers": {
         "litserve-a1-w1-t1": {"family": "litserve", "encodings": {"png": _search(200, 21e6, 1.0)}},
@@ -86,7 +133,7 @@ def test_loadtest_imports_nothing_from_tests():
 
 
 def test_stage_split_puts_each_stack_in_the_stage_of_its_innermost_named_frame(tmp_path):
-    from loadtest.stages import STAGE_NAMES, split_raw, stage_of
+    from loadtest.parts.stages import STAGE_NAMES, split_raw, stage_of
 
     onnx = ["run (asyncio/runners.py:118)", "_run (server/engine/runner.py:205)",
             "advance (server/engine/backends.py:301)", "run (onnxruntime/capi/onnxruntime_inference_collection.py:406)"]

@@ -1,4 +1,4 @@
-"""The serving peers of issue 12 (loadtest/peers/) and the capacity harness (loadtest/capacity.py).
+"""The serving peers of issue 12 (loadtest/peers/) and the capacity harness (loadtest/parts/capacity.py).
 
 Integration: each installed peer starts, answers 3 real Fashion-MNIST test images
 in both encodings (raw image/png, JSON base64) with the class and confidence of
@@ -18,9 +18,12 @@ import httpx
 import numpy as np
 import pytest
 
-from loadtest import capacity
 from loadtest import openloop as ol
+from loadtest import servers
+from loadtest.common import ENCODINGS, Plan
+from loadtest.parts import capacity
 from loadtest.peers import BadRequest, image_bytes, json_image
+from loadtest.samples import Sample, load_samples
 from model.checkpoint import DEFAULT_CHECKPOINT
 from model.checkpoint import load as load_checkpoint
 
@@ -42,7 +45,7 @@ def test_image_bytes_both_encodings():
 
 
 def test_make_requests_json_is_msdnet_encoding():
-    s = [capacity.Sample(7, 3, b"PNGDATA"), capacity.Sample(8, 5, b"OTHER")]
+    s = [Sample(7, 3, b"PNGDATA"), Sample(8, 5, b"OTHER")]
     r = capacity.make_requests(s, "json")(3)  # cycles: sample 1
     assert (r.path, r.content_type, r.label) == ("/classify", "application/json", 5)
     assert json.loads(r.body) == {"image": base64.b64encode(b"OTHER").decode()}
@@ -76,12 +79,12 @@ def test_search_bisects_to_the_threshold(monkeypatch):
                 "server_cores": 0.0, "client_cores": 0.0}, None
 
     monkeypatch.setattr(capacity, "trial", fake_trial)
-    plan = capacity.Plan(start=100, pause_s=0, stop_ratio=1.05, max_trials=20, max_search_s=60)
+    plan = Plan(start=100, pause_s=0, stop_ratio=1.05, max_trials=20, max_search_s=60)
     out = capacity.find_capacity(None, None, plan, 100.0, "fake")
     rates = [t["rate"] for t in out["trials"]]
     assert rates[:4] == [100, 200, 400, 800]
     assert 437 / 1.05 <= out["capacity_rps"] < 437 <= out["first_fail_rps"]
-    plan = capacity.Plan(start=1000, pause_s=0, stop_ratio=1.05, max_trials=3, max_search_s=60)
+    plan = Plan(start=1000, pause_s=0, stop_ratio=1.05, max_trials=3, max_search_s=60)
     out = capacity.find_capacity(None, None, plan, 100.0, "fake")
     assert [t["rate"] for t in out["trials"]] == [1000, 500, 250] and out["capacity_rps"] == 250
 
@@ -89,7 +92,7 @@ def test_search_bisects_to_the_threshold(monkeypatch):
 # ---------------------------------------------------------------------------- integration
 @pytest.fixture(scope="module")
 def samples():
-    return capacity.load_samples(limit=3, seed=0)
+    return load_samples(limit=3, seed=0)
 
 
 def _ask(url: str, samples) -> list[dict]:
@@ -97,7 +100,7 @@ def _ask(url: str, samples) -> list[dict]:
     out = []
     with httpx.Client(timeout=30) as c:
         for s in samples:
-            for enc in capacity.ENCODINGS:
+            for enc in ENCODINGS:
                 body, ctype = (s.png, "image/png") if enc == "png" else (capacity.json_body(s.png), "application/json")
                 r = c.post(url + "/classify", content=body, headers={"content-type": ctype})
                 out.append({"encoding": enc, "status": r.status_code, "body": r.json()})
@@ -108,7 +111,7 @@ def _ask(url: str, samples) -> list[dict]:
 def msdnet_last(samples):
     """msdnet-serve forced to the last exit: its answers to the samples."""
     flops = load_checkpoint(CHECKPOINT).exit_flops(lazy=True)[-1]
-    with capacity.msdnet(CHECKPOINT, 1, flops).make() as srv:
+    with servers.msdnet(CHECKPOINT, 1, flops).make() as srv:
         answers = _ask(srv.url, samples)
     return answers
 
@@ -139,7 +142,7 @@ def test_peer_answers_like_msdnet_last_exit(family, samples, msdnet_last):
     skip_unless_installed(family)
     psutil = pytest.importorskip("psutil", reason="psutil is not installed: it comes with the bench extra, "
                                  "pip install -e '.[bench]'")
-    cfg = capacity.litserve(CHECKPOINT, 1, 1, 1) if family == "litserve" else capacity.ray(CHECKPOINT, 1, 1)
+    cfg = servers.litserve(CHECKPOINT, 1, 1, 1) if family == "litserve" else servers.ray(CHECKPOINT, 1, 1)
     with cfg.make() as srv:
         answers = _ask(srv.url, samples)
         bad = httpx.post(srv.url + "/classify", content=b"not an image", headers={"content-type": "image/png"},

@@ -81,5 +81,5 @@ def run(url: str, samples, logits, labels: np.ndarray, ck, rate: float, plan: Pl
         log(f"  served {100 * served_acc:.2f}% at {served_flops / 1e6:.3f} MFLOPs; fixed thresholds "
             f"{100 * fixed:.2f}% at the same FLOPs ({100 * (served_acc - fixed):+.3f} points); calibrated "
             f"thresholds {100 * cal_acc:.2f}% at {cal_flops / 1e6:.3f} MFLOPs")
-    time.sleep(plan.pause_s)
+    time.sleep(plan.part_pause_s)
     return out

@@ -59,7 +59,7 @@ def controller_tracking(url: str, token: str, easy, hard, targets: tuple[float, 
     windows = window_errors(f, tgt, w)
     for row in rows:
         row["mean_error"] = (row["mean_flops"] - row["target"]) / row["target"] if row["mean_flops"] else None
-    time.sleep(plan.pause_s)
+    time.sleep(plan.part_pause_s)
     return {"rate": rate, "targets": [t0, t1], "phases": rows, "window": w, **windows,
             "series": {"flops": f.tolist(), "target": tgt.tolist(), "phase": [r["phase"] for r in ok]}}
 

@@ -25,7 +25,7 @@ def deadline_runs(url: str, samples, capacity: float, deadlines: tuple[float, ..
     for j, load in enumerate(plan.loads):
         rate = max(capacity * load, 1.0)
         r = ol.run(url, ol.classify_requests(samples, deadlines, seed=3000 + j), rate, plan.deadline_s,
-                   warmup_s=plan.warmup_s, timeout_s=plan.timeout_s, seed=3000 + j)
+                   warmup_s=plan.part_warmup_s, timeout_s=plan.timeout_s, seed=3000 + j)
         recs = r.scored()
         s = ol.summarise(recs, plan.deadline_s)
         per = {}
@@ -40,7 +40,7 @@ def deadline_runs(url: str, samples, capacity: float, deadlines: tuple[float, ..
                      "send_lag_p99_ms": s["send_lag_p99_ms"]})
         log(f"  {load:.0%} of capacity ({rate:.1f} req/s): met {s['deadline_met_share']}, "
             f"statuses {s['statuses']}, exits {s['exits']}")
-        time.sleep(plan.pause_s)
+        time.sleep(plan.part_pause_s)
     return rows
 
 
@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     import shutil
     from pathlib import Path
 
-    from ..capacity import TreeServer
     from ..common import FULL
     from ..samples import load_samples
+    from ..servers import TreeServer
 
     p = argparse.ArgumentParser(prog="python3 -m loadtest.parts.deadlines", description=main.__doc__.splitlines()[0])
     p.add_argument("--capacity", type=float, required=True, help="requests/s at p99 <= 100 ms, measured before")

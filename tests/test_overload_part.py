@@ -1,0 +1,41 @@
+"""The overload benchmark part's figures (loadtest/parts/overload.py) on made-up records: no server."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadtest.openloop import Record
+from loadtest.parts.overload import back_to_target, per_second, score, settle
+
+
+def rec(i, t, latency_s, status=200, exit_=1, flops=100, label=None, correct=None):
+    return Record(i, t, t, t + latency_s, latency_s, status, exit=exit_ if status == 200 else None,
+                  flops=flops if status == 200 else None, label=label, correct=correct)
+
+
+def test_score_counts_what_the_objective_counts():
+    records = [rec(0, 0.1, 0.05, label=1, correct=True), rec(1, 0.2, 0.15, label=1, correct=True),
+               rec(2, 0.3, 0.004, status=503, label=1), rec(3, 0.4, 0.02, label=1, correct=False)]
+    s = score(records, objective_ms=100)
+    assert s["sent"] == 4 and s["within_share"] == 0.5 and s["refused_share"] == 0.25
+    assert s["refusal_p99_ms"] == pytest.approx(4.0) and s["other_failures"] == 0
+    assert s["effective_accuracy"] == 0.25  # one correct answer within the objective, of 4 sent
+    assert s["mean_exit"] == 1 and s["mean_flops"] == 100
+
+
+def test_per_second_rows_and_the_target_in_force():
+    records = [rec(0, 0.5, 0.01), rec(1, 1.2, 0.2, exit_=2, flops=300), rec(2, 1.5, 0.001, status=503)]
+    polls = [(0.1, 1000.0, "steady", 0.0), (1.1, 600.0, "degraded", 50.0), (1.6, 400.0, "refusing", 70.0)]
+    rows = per_second(records, polls, objective_ms=100, seconds=2)
+    assert [r["requests"] for r in rows] == [1, 2] and [r["refused"] for r in rows] == [0, 1]
+    assert rows[0]["within"] == 1.0 and rows[1]["within"] == 0.0
+    assert rows[0]["in_force_flops"] == 1000.0 and rows[1]["in_force_flops"] == 500.0
+    assert rows[1]["mean_exit"] == 2 and rows[1]["mean_flops"] == 300
+
+
+def test_settling_and_return_to_the_configured_target():
+    polls = [(t / 4, f, "", 0) for t, f in enumerate([1000, 600, 550, 560, 555, 900, 1000, 1000])]
+    s = settle(polls, 0.5, 1.25)
+    assert s["min"] == 550 and s["max"] == 560 and s["swing"] == pytest.approx(560 / 550 - 1)
+    assert back_to_target(polls, 1.0, 1000.0) == pytest.approx(0.5)
+    assert back_to_target(polls[:6], 1.0, 1000.0) is None

@@ -315,8 +315,8 @@ MUTANTS = [
            ("tests/test_calibration_values.py::"
             "test_the_stored_curve_keeps_the_more_accurate_of_two_points_of_equal_cost",),
            "points of equal cost stay in prior order: the stored curve keeps the less accurate one too"),
-    Mutant("cal-stores-whole-curve", "model/evaluate.py", '"curve": [o.to_dict() for o in pareto(curve)],',
-           '"curve": [o.to_dict() for o in curve],',
+    Mutant("cal-stores-whole-curve", "model/evaluate.py", "curve=tuple(pareto(curve)),",
+           "curve=tuple(curve),",
            ("tests/test_calibration_values.py::test_calibrate_stores_that_curve_in_the_checkpoint",),
            "calibration stores every point of the grid, dominated and equal-cost ones included"),
 

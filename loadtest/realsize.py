@@ -241,7 +241,8 @@ def parity(name: str, seed: int = 0) -> dict:
     ONNX Runtime backend with its parity check, as ``msdnet serve`` does at start:
     ``{"name", "ok", "error", "relative", "absolute", "probability", "largest_logit"}``
     (the worst figures over all exits; ``error`` the refusal's message, else None)."""
-    from server.engine.backends import BackendError, OrtBackend
+    from server.engine.backends import BackendError
+    from server.engine.backends.ort import OrtBackend
 
     ck = build_network(name, seed)
     top = max(float(z.abs().max()) for z in exit_logits(ck.model, random_inputs(ck.model.cfg, 3, 0)))

@@ -89,6 +89,7 @@ class ValidationSplit:
         return cls(d["dataset"], d.get("seed"), d.get("size"))
 
     def to_dict(self) -> dict:
+        """The file's ``validation`` dict."""
         return {"dataset": self.dataset, "seed": self.seed, "size": self.size}
 
 
@@ -116,6 +117,7 @@ class EpochRecord:
         return cls(d["epoch"], tuple(d["train_loss"]), tuple(d["train_top1"]), tuple(d["val_top1"]), d["seconds"])
 
     def to_dict(self) -> dict:
+        """One entry of the file's ``card.training.history``."""
         return {"epoch": self.epoch, "train_loss": list(self.train_loss), "train_top1": list(self.train_top1),
                 "val_top1": list(self.val_top1), "seconds": self.seconds}
 
@@ -155,6 +157,7 @@ class TrainingRecord:
                    tuple(EpochRecord.from_dict(h) for h in d["history"]))
 
     def to_dict(self) -> dict:
+        """The file's ``card.training`` dict."""
         return {"command": self.command, "wall_time_s": self.wall_time_s, "epochs": self.epochs,
                 "batch_size": self.batch_size, "lr": self.lr, "schedule": self.schedule, "seed": self.seed,
                 "gradient_equilibrium": self.gradient_equilibrium, "distill": self.distill, "threads": self.threads,
@@ -310,6 +313,7 @@ class Checkpoint:
 
     @property
     def config(self) -> MSDNetConfig:
+        """The network's architecture (``model.cfg``)."""
         return self.model.cfg
 
     def exit_flops(self, lazy: bool = True) -> list[int]:
@@ -328,7 +332,11 @@ class Checkpoint:
         return out
 
     def save(self, path: str | Path) -> None:
-        """Write the file atomically (a temporary file, then a rename)."""
+        """Write :meth:`to_dict` atomically (a temporary file, then a rename); sets :attr:`path`.
+
+        Raises:
+            OSError: when the folder or file cannot be written.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")

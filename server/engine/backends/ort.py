@@ -44,6 +44,7 @@ log = logging.getLogger("msdnet.backends")
 DEFAULT_CHUNK = 16  # rows per ORT run; see OrtBackend.advance
 ONNX_OPSET = 17
 
+
 @dataclass(frozen=True)
 class StepIO:
     """What step k (block k+1 and its classifier) of the staged forward touches.

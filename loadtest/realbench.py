@@ -176,7 +176,7 @@ def plan_for(last_flops: int, smoke: bool) -> Plan:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.checkpoint import load
+    from model.checkpoint import costs_table, load
 
     from . import decodecost, realreport, realsize
     from .machine import machine_info
@@ -200,14 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     checkpoint = str(realsize.make(a.size, log=log) if a.size else a.checkpoint)
     ck = load(checkpoint)
-    name = a.size or ck.meta.get("card", {}).get("name") or Path(checkpoint).stem
+    name = a.size or ck.card.name or Path(checkpoint).stem
     last = int(ck.exit_flops(lazy=True)[-1])
     slo = a.slo_ms or cap.default_slo_ms(checkpoint)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {"name": name, "checkpoint": checkpoint, "smoke": a.smoke, "slo_ms": slo,
-                 "speed_only": bool(ck.meta.get("card", {}).get("speed_only")),
-                 "official_args": ck.meta.get("card", {}).get("official_args"), "costs": ck.meta["costs"],
+                 "speed_only": ck.card.speed_only, "official_args": ck.card.official_args,
+                 "costs": costs_table(ck.costs),
                  "contract": ck.transforms.describe(), "machine": machine_info(),
                  "command": "python3 -m loadtest.realbench " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
                  "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")}

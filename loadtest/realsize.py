@@ -104,11 +104,12 @@ def build_network(name: str, seed: int = 0):
         args.data, [f"class_{i:04d}" for i in range(cfg.num_classes)])
     contract = OFFICIAL_TRANSFORMS[args.data]
     ck = ckpt.build(model, classes, list(contract.mean), list(contract.std),
-                    validation={"dataset": "folder", "seed": None, "size": None},
-                    card={"source": "speed-only: random weights (loadtest.realsize); answers are meaningless",
-                          "speed_only": True, "name": name, "official_args": official_args(name),
-                          "logit_scales": scales, "logit_max": LOGIT_MAX})
-    ck.meta["transforms"] = contract.to_transforms()
+                    validation=ckpt.ValidationSplit(ckpt.FOLDER),
+                    card=ckpt.ModelCard(source="speed-only: random weights (loadtest.realsize); answers are "
+                                               "meaningless", speed_only=True, name=name,
+                                        official_args=official_args(name), logit_scales=tuple(scales),
+                                        logit_max=LOGIT_MAX))
+    ck.transforms = contract
     return ck
 
 
@@ -227,13 +228,12 @@ def describe(path: str | Path) -> dict:
     Raises:
         model.checkpoint.CheckpointError: an unreadable or foreign file.
     """
-    from model.checkpoint import load
+    from model.checkpoint import costs_table, load
 
     ck = load(path)
-    card = ck.meta.get("card", {})
-    return {"name": card.get("name"), "official_args": card.get("official_args"),
-            "speed_only": bool(card.get("speed_only")), "logit_max": card.get("logit_max"),
-            "exits": ck.meta["costs"]}
+    card = ck.card
+    return {"name": card.name, "official_args": card.official_args, "speed_only": card.speed_only,
+            "logit_max": card.logit_max, "exits": costs_table(ck.costs)}
 
 
 def parity(name: str, seed: int = 0) -> dict:
@@ -241,7 +241,8 @@ def parity(name: str, seed: int = 0) -> dict:
     ONNX Runtime backend with its parity check, as ``msdnet serve`` does at start:
     ``{"name", "ok", "error", "relative", "absolute", "probability", "largest_logit"}``
     (the worst figures over all exits; ``error`` the refusal's message, else None)."""
-    from server.engine.backends import BackendError, OrtBackend
+    from server.engine.backends import BackendError
+    from server.engine.backends.ort import OrtBackend
 
     ck = build_network(name, seed)
     top = max(float(z.abs().max()) for z in exit_logits(ck.model, random_inputs(ck.model.cfg, 3, 0)))

@@ -71,7 +71,7 @@ def cmd_train(args) -> int:
         distill=args.distill, distill_temperature=args.distill_temperature, device=args.device,
         threads=args.threads, limit_train=args.limit_train, out=args.out, resume=args.resume)
     result = train(opts, command=shell_command(sys.argv[1:]))
-    print(f"wrote {args.out} (validation top-1 per exit: {result.meta['card']['metrics']['val_top1']}); "
+    print(f"wrote {args.out} (validation top-1 per exit: {list(result.card.val_top1)}); "
           f"next: msdnet calibrate --checkpoint {args.out}")
     return 0
 
@@ -87,7 +87,7 @@ def cmd_calibrate(args) -> int:
     ths = ", ".join(f"{t:.4f}" for t in cal.thresholds)
     print(f"temperatures: {temps}\nthresholds: {ths}\n"
           f"validation: mean {cal.target_flops / 1e6:.2f} MFLOPs per image (multiply-accumulates, lazy), "
-          f"top-1 {100 * cal.info['val_top1']:.2f}% ({cal.info['rule']}); {len(cal.curve)} curve points")
+          f"top-1 {100 * cal.val_top1:.2f}% ({cal.rule}); {len(cal.curve)} curve points")
     print(f"wrote {args.out or args.checkpoint}")
     return 0
 
@@ -146,7 +146,7 @@ def cmd_import_official(args) -> int:
     ck = import_official(args.checkpoint, args.official_args, classes=classes, contract=_contract_from(args),
                          command=shell_command(sys.argv[1:]))
     ck.save(args.out)
-    flops = ", ".join(f"{c['flops'] / 1e6:.3f}" for c in ck.meta["costs"])
+    flops = ", ".join(f"{c.flops / 1e6:.3f}" for c in ck.costs)
     print(f"imported {args.checkpoint}: {ck.config.n_blocks} exits, {ck.config.num_classes} classes, "
           f"MFLOPs per exit {flops} (conv + linear multiply-accumulates, cumulative)")
     print(f"input: {ck.transforms.describe()}")

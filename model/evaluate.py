@@ -33,7 +33,18 @@ def collect_logits(model, images: D.ImageSet, mean, std, batch_size: int = 500) 
 
 
 def _from_folder(ck: ckpt.Checkpoint, data: str | None) -> bool:
-    return data == "folder" or (data is None and ck.meta["validation"].get("dataset") == "folder")
+    return data == ckpt.FOLDER or (data is None and ck.validation is not None and ck.validation.from_folder)
+
+
+def _recorded(ck: ckpt.Checkpoint) -> ckpt.ValidationSplit:
+    """The checkpoint's validation split.
+
+    Raises:
+        ValueError: when the checkpoint records none (a file written without one).
+    """
+    if ck.validation is None:
+        raise ValueError("the checkpoint records no validation split: give --data (and --data-dir)")
+    return ck.validation
 
 
 def _folder(ck: ckpt.Checkpoint, data_dir: str | None, split: str) -> D.ImageSet:
@@ -53,10 +64,10 @@ def validation_set(ck: ckpt.Checkpoint, data_dir: str | None = None, data: str |
     a data set) the user's folder ``data_dir/split/<class>/*``."""
     if _from_folder(ck, data):
         return _folder(ck, data_dir, split)
-    v = ck.meta["validation"]
+    v = _recorded(ck)
     cfg = ck.config
-    full = D.load(data or v["dataset"], "train", data_dir, cfg.image_size, cfg.in_channels)
-    _, val_idx = D.validation_split(len(full), v["size"], v["seed"])
+    full = D.load(data or v.dataset, "train", data_dir, cfg.image_size, cfg.in_channels)
+    _, val_idx = D.validation_split(len(full), v.size, v.seed)
     return full.subset(val_idx)
 
 
@@ -67,7 +78,7 @@ def test_set(ck: ckpt.Checkpoint, data_dir: str | None = None, data: str | None 
     if _from_folder(ck, data):
         return _folder(ck, data_dir, split)
     cfg = ck.config
-    return D.load(data or ck.meta["validation"]["dataset"], "test", data_dir, cfg.image_size, cfg.in_channels)
+    return D.load(data or _recorded(ck).dataset, "test", data_dir, cfg.image_size, cfg.in_channels)
 
 
 def default_operating_point(curve: list[OperatingPoint], max_drop: float) -> OperatingPoint:
@@ -97,21 +108,20 @@ def calibrate(ck: ckpt.Checkpoint, data_dir: str | None = None, target_flops: fl
     flops = ck.exit_flops(lazy=True)
     curve = C.budgeted_curve(conf, pred, labels.numpy(), flops)
     point = C.solve_for_budget(curve, target_flops) if target_flops else default_operating_point(curve, max_drop)
-    cal = {
-        "temperatures": temperatures,
-        "thresholds": list(point.thresholds),
-        "p": point.p,
-        "target_flops": point.mean_flops,
-        "val_top1": point.top1,
-        "val_exit_shares": list(point.exit_shares),
-        "cost": "flops_lazy",
-        "rule": (f"target {target_flops:.0f} FLOPs" if target_flops else
-                 f"cheapest validation point within {max_drop * 100:.2f} points of the last exit"),
-        "images": {"source": f"{data_dir}/{split}" if _from_folder(ck, data) else ck.meta["validation"]["dataset"],
-                   "count": len(val)},
-        "curve": [o.to_dict() for o in pareto(curve)],
-    }
-    ck.meta["calibration"] = cal
+    ck.calibration = ckpt.Calibration(
+        temperatures=tuple(float(t) for t in temperatures),
+        thresholds=tuple(float(t) for t in point.thresholds),
+        target_flops=float(point.mean_flops),
+        curve=tuple(pareto(curve)),
+        p=point.p,
+        val_top1=point.top1,
+        val_exit_shares=tuple(point.exit_shares),
+        cost="flops_lazy",
+        rule=(f"target {target_flops:.0f} FLOPs" if target_flops else
+              f"cheapest validation point within {max_drop * 100:.2f} points of the last exit"),
+        images_source=f"{data_dir}/{split}" if _from_folder(ck, data) else _recorded(ck).dataset,
+        images_count=len(val),
+    )
     return ck.calibration
 
 
@@ -151,9 +161,9 @@ def evaluate(ck: ckpt.Checkpoint, data_dir: str | None = None, latency_repeats: 
     x1 = D.normalise(test.images[:1], t.mean, t.std)
     x64 = D.normalise(test.images[:64], t.mean, t.std)
     lat1, lat64 = _latency_ms(ck.model, x1, latency_repeats), _latency_ms(ck.model, x64, max(3, latency_repeats // 4))
-    anytime = [{"exit": c["exit"], "top1": float(top1[i]), "flops": c["flops"], "flops_lazy": c["flops_lazy"],
-                "params": c["params"], "latency_ms_b1": lat1[i], "latency_ms_b64": lat64[i]}
-               for i, c in enumerate(ck.meta["costs"])]
+    anytime = [{"exit": c.exit, "top1": float(top1[i]), "flops": c.flops, "flops_lazy": c.flops_lazy,
+                "params": c.params, "latency_ms_b1": lat1[i], "latency_ms_b64": lat64[i]}
+               for i, c in enumerate(ck.costs)]
     conf, pred = C.confidences(logits, cal.temperatures)
     flops = ck.exit_flops(lazy=True)
     budgeted = []

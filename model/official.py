@@ -282,8 +282,8 @@ def import_official(path: str | Path, official_args: str, *, classes: list[str] 
     model = MSDNet(cfg)
     model.load_state_dict(weights)
     ck = ckpt.build(model, classes, list(contract.mean), list(contract.std),
-                    validation={"dataset": "folder", "seed": None, "size": None},
-                    card={"source": "official MSDNet-PyTorch checkpoint", "official_file": str(path),
-                          "official_args": official_args, "command": command})
-    ck.meta["transforms"] = contract.to_transforms()
+                    validation=ckpt.ValidationSplit(ckpt.FOLDER),
+                    card=ckpt.ModelCard(source="official MSDNet-PyTorch checkpoint", official_file=str(path),
+                                        official_args=official_args, command=command))
+    ck.transforms = contract
     return ck

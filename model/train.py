@@ -204,14 +204,13 @@ def train(opts: TrainOptions, command: str | None = None) -> ckpt.Checkpoint:
 
     model.load_state_dict(best[1])
     model = model.cpu().to(memory_format=torch.contiguous_format)
-    card = {"training": {"command": command or "", "wall_time_s": round(wall, 1), "epochs": opts.epochs,
-                         "batch_size": opts.batch_size, "lr": opts.lr, "schedule": opts.schedule,
-                         "seed": opts.seed, "gradient_equilibrium": opts.gradient_equilibrium,
-                         "distill": opts.distill, "threads": torch.get_num_threads(),
-                         "history": history},
-            "metrics": {"val_top1": max((h["val_top1"] for h in history), key=lambda a: a[-1])}}
+    epochs = tuple(ckpt.EpochRecord.from_dict(h) for h in history)  # the state file keeps the card's format
+    training = ckpt.TrainingRecord(command or "", round(wall, 1), opts.epochs, opts.batch_size, opts.lr,
+                                   opts.schedule, opts.seed, opts.gradient_equilibrium, opts.distill,
+                                   torch.get_num_threads(), epochs)
+    card = ckpt.ModelCard(training=training, val_top1=max((e.val_top1 for e in epochs), key=lambda a: a[-1]))
     out = ckpt.build(model, full.classes, mean, std, card=card,
-                     validation={"dataset": opts.data, "seed": opts.seed, "size": opts.val_size})
+                     validation=ckpt.ValidationSplit(opts.data, opts.seed, opts.val_size))
     out.save(opts.out)
     return out
 

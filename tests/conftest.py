@@ -91,8 +91,7 @@ def tiny_checkpoint(tmp_path_factory):
     from model.data import FASHION_MNIST_CLASSES, NORMALISATION
 
     mean, std = NORMALISATION["fashion-mnist"]
-    ck = ckpt.build(model, FASHION_MNIST_CLASSES, mean, std, card={},
-                    validation={"dataset": "fashion-mnist", "seed": 0, "size": 100})
+    ck = ckpt.build(model, FASHION_MNIST_CLASSES, mean, std, validation=ckpt.ValidationSplit("fashion-mnist", 0, 100))
     calibrate(ck, str(data_dir))
     path = root / "tiny.pt"
     ck.save(path)

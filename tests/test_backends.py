@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,17 @@ pytest.importorskip("onnxruntime")
 from model.checkpoint import load  # noqa: E402
 from model.costs import exit_costs  # noqa: E402
 from model.network import MSDState  # noqa: E402
-from server.engine.backends import BackendError, OrtBackend, make_backend, step_io  # noqa: E402
+from server.engine.backends import (  # noqa: E402
+    Backend,
+    BackendError,
+    backend_names,
+    check_parity,
+    make_backend,
+    register_backend,
+    to_host,
+    unregister_backend,
+)
+from server.engine.backends.ort import OrtBackend, step_io  # noqa: E402
 from server.engine.parity import ParityFigures, compare_logits  # noqa: E402
 
 
@@ -159,6 +170,165 @@ def test_make_backend(shipped):
         make_backend("tensorrt", shipped.model)
     with pytest.raises(ValueError, match="lazy"):
         OrtBackend.advance(_FakeOrt(), MSDState({-1: _images(1, 0)}, 0, False))
+
+
+def test_an_unknown_backend_name_is_a_value_error_naming_the_known_ones(shipped, tiny_checkpoint):
+    from server.engine.runner import Runner
+
+    assert backend_names() == ("onnxruntime", "torch")
+    with pytest.raises(ValueError, match=r"^unknown backend 'tensorrt'; one of onnxruntime, torch$"):
+        make_backend("tensorrt", shipped.model)
+    with pytest.raises(ValueError, match=r"^unknown backend 'cuda'; one of onnxruntime, torch$"):
+        Runner(load(tiny_checkpoint), max_batch_size=4, max_queue_delay_s=0.001, max_queue_size=8, torch_threads=1,
+               backend="cuda")
+
+
+def test_the_built_in_backends_are_backends_on_the_cpu(shipped, ort_backend):
+    eager = make_backend("torch", shipped.model)
+    for b in (eager, ort_backend):
+        assert isinstance(b, Backend) and b.device == torch.device("cpu")
+    x = _images(2, seed=8)
+    assert ort_backend.start(x).features[-1] is x and ort_backend.start(x).lazy
+    assert eager.check_parity(batch_size=2) == ParityFigures(0.0, 0.0, 0.0, 0)  # the reference against itself
+
+
+def test_to_host_gives_the_values_as_numpy_a_view_on_the_cpu():
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    a = to_host(t)
+    assert isinstance(a, np.ndarray) and a.dtype == np.float32 and a.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert np.shares_memory(a, t.numpy())
+
+
+# ---- a backend is one registration (issue 23): registered here, picked by name --------------------
+
+
+class _Recording:
+    """A backend defined in a test file: torch eager that records what the runner hands it,
+    and can add ``offset`` to one exit's logits (a wrong backend)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, model, name: str, wrong_exit: int | None = None):
+        self.model, self.name, self.wrong_exit = model.eval(), name, wrong_exit
+        self.started: list[tuple] = []
+        self.advanced: list[tuple[int, int]] = []
+
+    def start(self, x, lazy=True):
+        self.started.append((tuple(x.shape), x.device, lazy))
+        return self.model.start(x, lazy)
+
+    def advance(self, state):
+        self.advanced.append((state.exits_done, state.batch_size))
+        logits, new = self.model.advance(state)
+        return (logits + 1e-2 if new.exits_done == self.wrong_exit else logits), new
+
+    def check_parity(self, batch_size=3, seed=0):
+        return check_parity(self, self.model, batch_size=batch_size, seed=seed)
+
+
+@pytest.fixture
+def recording():
+    made: list[_Recording] = []
+
+    @register_backend("test-recording")
+    def build(model, *, threads, cache_dir):
+        made.append(_Recording(model, "test-recording"))
+        return made[-1]
+
+    yield made
+    unregister_backend("test-recording")
+    assert "test-recording" not in backend_names()
+
+
+class _LeaveAt:
+    """Policy: every image leaves after exit ``k``."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def leaves(self, task, confidence: float) -> bool:
+        return task.exits_done >= self.k
+
+    def may_continue(self, task) -> bool:
+        return True
+
+
+def test_a_backend_registered_in_a_test_file_is_picked_by_name(recording, tiny_checkpoint):
+    import asyncio
+    import time
+
+    from server.engine.runner import Runner
+
+    ck = load(tiny_checkpoint)
+    assert backend_names() == ("onnxruntime", "test-recording", "torch")
+    with pytest.raises(ValueError, match="one of onnxruntime, test-recording, torch$"):
+        make_backend("tensorrt", ck.model)
+    with pytest.raises(ValueError, match="already registered"):
+        register_backend("test-recording")(lambda model, **kw: None)
+    r = Runner(ck, max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=8, torch_threads=1,
+               backend="test-recording")
+    (backend,) = recording
+    assert r.backend is backend and isinstance(backend, Backend)
+    r._warmup(rounds=1)  # every block at batch 1, then at the max batch size, twice each
+    k_all = ck.model.num_exits
+    assert backend.started == [((1, 1, 28, 28), torch.device("cpu"), True)] * 2 + [((4, 1, 28, 28),
+                                                                                     torch.device("cpu"), True)] * 2
+    assert backend.advanced == [(k, n) for n in (1, 4) for _ in range(2) for k in range(k_all)]
+
+    images = [np.random.default_rng(i).standard_normal((1, 28, 28)).astype(np.float32) for i in range(3)]
+    backend.started.clear()
+    r.start(warmup_rounds=0)
+    try:
+        async def main():
+            futs = r.submit(images, [_LeaveAt(k_all)] * 3, [None] * 3, time.monotonic())
+            return await asyncio.wait_for(asyncio.gather(*futs), 60.0)
+
+        answers = asyncio.run(main())
+    finally:
+        r.stop()
+    assert (3, 1, 28, 28) in [shape for shape, _, _ in backend.started]  # the requests' batch, on its device
+    with torch.no_grad():
+        logits = ck.model(torch.from_numpy(np.stack(images)))[-1].double() / ck.calibration.temperatures[-1]
+    want = torch.softmax(logits, 1).numpy()
+    assert [a.exit for a in answers] == [k_all] * 3
+    for a, w in zip(answers, want):
+        np.testing.assert_allclose(a.probs, w, rtol=0, atol=1e-6)
+
+
+def test_parity_names_the_backend_and_the_exit_it_gets_wrong(shipped, caplog):
+    with caplog.at_level("INFO", logger="msdnet.backends"):
+        worst = _Recording(shipped.model, "test-good").check_parity(batch_size=2)
+    assert worst == ParityFigures(0.0, 0.0, 0.0, 0)
+    assert "test-good parity with torch eager over 4 exits: logits 0 of the largest" in caplog.text
+    with pytest.raises(BackendError, match=r"^test-off disagrees with torch eager at exit 2: .*refusing to serve"):
+        _Recording(shipped.model, "test-off", wrong_exit=2).check_parity()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_backend_is_one_registration_and_the_runner_serves_on_it(tiny_checkpoint):
+    """What a CUDA backend file would hold: eager on a copy of the model on the GPU."""
+    from server.engine.runner import Runner
+
+    class CudaEager(_Recording):
+        device = torch.device("cuda")
+
+        def __init__(self, model):
+            super().__init__(copy.deepcopy(model).to(self.device), "test-cuda")
+            self.reference = model
+
+        def check_parity(self, batch_size=3, seed=0):
+            return check_parity(self, self.reference, batch_size=batch_size, seed=seed)
+
+    register_backend("test-cuda")(lambda model, *, threads, cache_dir: CudaEager(model))
+    try:
+        ck = load(tiny_checkpoint)
+        r = Runner(ck, max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=8, torch_threads=1,
+                   backend="test-cuda")
+        assert r.backend.check_parity().ok
+        r._warmup(rounds=0)
+        assert {dev for _, dev, _ in r.backend.started} == {torch.device("cuda", 0)}
+    finally:
+        unregister_backend("test-cuda")
 
 
 class _FakeOrt:

@@ -124,8 +124,8 @@ def test_calibrate_stores_that_curve_in_the_checkpoint(monkeypatch, tiny_config)
     labels = torch.zeros(8, dtype=torch.int64)
     images = ImageSet(torch.zeros(8, 1, 28, 28, dtype=torch.uint8), labels, FASHION_MNIST_CLASSES)
     mean, std = NORMALISATION["fashion-mnist"]
-    ck = ckpt.build(MSDNet(tiny_config).eval(), FASHION_MNIST_CLASSES, mean, std, card={},
-                    validation={"dataset": "fashion-mnist", "seed": 0, "size": 8})
+    ck = ckpt.build(MSDNet(tiny_config).eval(), FASHION_MNIST_CLASSES, mean, std,
+                    validation=ckpt.ValidationSplit("fashion-mnist", 0, 8))
     monkeypatch.setattr(E, "validation_set", lambda *a, **k: images)
     monkeypatch.setattr(E, "collect_logits", lambda *a, **k: logits)
     monkeypatch.setattr(ck, "exit_flops", lambda lazy=True: list(EQUAL_COST_FLOPS))

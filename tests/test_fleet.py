@@ -3,6 +3,7 @@ fed different traffic (issue 6). Marked integration; about a minute."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
 import signal
@@ -71,7 +72,7 @@ def fleet_setup(tiny_checkpoint, tmp_path_factory):
     conf, pred = C.confidences(logits, ck.calibration.temperatures)
     flops = ck.exit_flops()
     curve = pareto(C.budgeted_curve(conf, pred, pred[-1], flops))
-    ck.meta["calibration"]["curve"] = [o.to_dict() for o in curve]
+    ck.calibration = dataclasses.replace(ck.calibration, curve=tuple(curve))
     path = tmp_path_factory.mktemp("fleet") / "fleet.pt"
     ck.save(path)
     target = 0.5 * (flops[0] + flops[-1])

@@ -354,7 +354,7 @@ def test_image_honours_settings_and_a_mounted_checkpoint(image, reference, tmp_p
     from model.checkpoint import load
 
     ckpt = load()
-    ckpt.meta["classes"] = [f"renamed-{c}" for c in ckpt.classes]
+    ckpt.classes = tuple(f"renamed-{c}" for c in ckpt.classes)
     ckpt.save(tmp_path / "model.pt")
     (tmp_path / "model.pt").chmod(0o644)     # read by uid 10001 in the container
 

@@ -251,7 +251,8 @@ def test_server_grey_non_square_exact_resize_and_small_image_padding():
 
 def test_shipped_checkpoint_keeps_its_preprocessing():
     ck = ckpt.load()
-    assert "resize_rule" not in ck.meta["transforms"]  # written before the contract existed
+    raw = torch.load(ckpt.DEFAULT_CHECKPOINT, weights_only=True)
+    assert "resize_rule" not in raw["transforms"]  # written before the contract existed
     c = ck.transforms
     assert (c.resize_rule, c.resize_size, c.interpolation, c.crop_size, c.background) == (
         "exact", 28, "bilinear", None, 0)
@@ -301,7 +302,7 @@ def test_calibrate_evaluate_and_serve_imported_model(tmp_path):
     _, args = fixture("cifar-tiny")
     r = _cli("import-official", str(REF / "cifar-tiny/state_dict.pt"), "--official-args", args, "--out", str(out))
     assert r.returncode == 0, r.stderr
-    classes = ckpt.load(out).classes
+    classes = list(ckpt.load(out).classes)
     data_dir = tmp_path / "data"
     _make_folder(data_dir, classes, "val", 4, 0)
 
@@ -317,7 +318,7 @@ def test_calibrate_evaluate_and_serve_imported_model(tmp_path):
     assert "40/40" in r.stderr  # tqdm's bar over the 40 images
     ck = ckpt.load(out)
     cal = ck.calibration
-    assert cal.info["images"]["count"] == 40 and len(cal.temperatures) == 3
+    assert cal.images_count == 40 and len(cal.temperatures) == 3
 
     # Evaluate on the same folder: accuracy per exit equals an offline computation
     # on the reference preprocessing (Pillow + the contract).

@@ -54,14 +54,14 @@ def test_every_name_is_a_reference_configuration():
 @pytest.mark.parametrize("name", list(OFFICIAL_MFLOPS))
 def test_builds_with_the_official_per_exit_flops(name):
     ck = realsize.build_network(name)
-    official = [c["flops_official"] / 1e6 for c in ck.meta["costs"]]
+    official = [c.flops_official / 1e6 for c in ck.costs]
     ref = OFFICIAL_MFLOPS[name]
     assert len(official) == len(ref)
     for ours, want in zip(official, ref):
         decimals = len(want.split(".")[1])
         assert abs(ours - float(want)) <= 0.5 * 10 ** -decimals + 1e-9, (name, official, ref)
-    eager = [c["flops"] for c in ck.meta["costs"]]
-    lazy = [c["flops_lazy"] for c in ck.meta["costs"]]
+    eager = ck.exit_flops(lazy=False)
+    lazy = ck.exit_flops(lazy=True)
     # Lazy evaluation defers work, never adds it; by the last exit everything has run.
     assert all(lz <= e for lz, e in zip(lazy, eager)) and lazy[-1] == eager[-1]
     assert eager == sorted(eager)
@@ -70,7 +70,7 @@ def test_builds_with_the_official_per_exit_flops(name):
     # The official contract and the speed-only label.
     data = realsize.official_args(name).split("--data ")[1].split()[0]
     assert ck.transforms == OFFICIAL_TRANSFORMS[data]
-    assert ck.meta["card"]["speed_only"] is True and "random weights" in ck.meta["card"]["source"]
+    assert ck.card.speed_only is True and "random weights" in ck.card.source
 
 
 def test_largest_logit_is_40_after_scaling():
@@ -78,7 +78,7 @@ def test_largest_logit_is_40_after_scaling():
     x = realsize.random_inputs(ck.config)
     tops = [float(lg.max()) for lg in realsize.exit_logits(ck.model, x)]
     assert tops == pytest.approx([40.0] * 7, rel=1e-4)
-    assert len(ck.meta["card"]["logit_scales"]) == 7
+    assert len(ck.card.logit_scales) == 7
     # Another random batch: the same order of size (a confident classifier's range), not 40 exactly.
     other = [float(lg.max()) for lg in realsize.exit_logits(ck.model, realsize.random_inputs(ck.config, seed=5))]
     assert all(20 < t < 80 for t in other), other
@@ -146,7 +146,7 @@ def test_made_checkpoint_is_calibrated_at_40_percent(cifar):
     ck = load(cifar, calibrated=True)
     last = ck.exit_flops(lazy=True)[-1]
     cal = ck.calibration
-    assert cal.info["images"]["count"] == 200
+    assert cal.images_count == 200
     assert 0.25 * last < cal.target_flops <= 0.4 * last * 1.001
     assert realsize.make("cifar100-7", cifar) == cifar  # cached: not remade
     d = realsize.describe(cifar)

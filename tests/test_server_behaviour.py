@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import math
 import threading
@@ -48,7 +49,7 @@ def png(seed: int) -> bytes:
 @pytest.fixture(scope="module")
 def ckpt_path(tiny_checkpoint, tmp_path_factory):
     ck = load(tiny_checkpoint)
-    ck.meta["calibration"]["temperatures"] = list(TEMPERATURES)
+    ck.calibration = dataclasses.replace(ck.calibration, temperatures=tuple(TEMPERATURES))
     path = tmp_path_factory.mktemp("behaviour") / "tiny-temps.pt"
     ck.save(path)
     return path

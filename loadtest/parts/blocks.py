@@ -4,9 +4,9 @@ In one run, on the checkpoint (default: the shipped Fashion-MNIST model; any
 other is fed images at its own input contract, generated when no data is at hand), for
 each intra-op thread count and batch size it times
 
-- torch eager per block: ``server.engine.backends.TorchBackend`` (= ``MSDNet.advance``),
+- torch eager per block: ``server.engine.backends.eager.TorchBackend`` (= ``MSDNet.advance``),
   exits 1..4 in turn from the images, lazy evaluation;
-- ONNX Runtime per block: ``server.engine.backends.OrtBackend`` (one session per block
+- ONNX Runtime per block: ``server.engine.backends.ort.OrtBackend`` (one session per block
   and its classifier), the same steps;
 - ONNX Runtime whole network: one session of ``MSDNet.forward`` (all exits, no
   early exit), as ``loadtest.bench`` part d measures it,
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from model.checkpoint import DEFAULT_CHECKPOINT, load
-from server.engine.backends import OrtBackend, TorchBackend, session_options
+from server.engine.backends.eager import TorchBackend
+from server.engine.backends.ort import OrtBackend, session_options
 
 
 def _images(checkpoint, ck, n: int) -> torch.Tensor:
@@ -58,7 +59,7 @@ def _images(checkpoint, ck, n: int) -> torch.Tensor:
 
 def whole_network_session(model, threads: int, directory: str):
     """ONNX Runtime session of the all-exits forward (input ``x``, outputs ``exit1..``), dynamic batch,
-    with the engine's session options (``server.engine.backends.session_options``)."""
+    with the engine's session options (``server.engine.backends.ort.session_options``)."""
     import onnxruntime as ort
 
     from loadtest.peers import export_onnx

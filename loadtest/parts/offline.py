@@ -35,7 +35,7 @@ def offline_eval(ck, test, logits=None) -> dict:
                           "exit1_top1": float((pred[0][m] == c).mean()) if m.any() else float("nan")})
     return {"n": int(len(labels)), "exit_top1": top1.tolist(), "exit_flops": flops,
             "calibrated": {"target_flops": cal.target_flops, "mean_flops": mean, "top1": acc,
-                           "exit_shares": shares, "rule": cal.info.get("rule")},
+                           "exit_shares": shares, "rule": cal.rule},
             "per_class": per_class}
 
 

@@ -32,7 +32,7 @@ from .capacity import make_requests
 
 # (stage, pattern on "function (file:line)" frames); the innermost matching frame decides.
 STAGES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(pat)) for name, pat in (
-    ("network", r"onnxruntime/|torch/|server/engine/backends\.py|model/network\.py"),
+    ("network", r"onnxruntime/|torch/|server/engine/backends[/.]|model/network\.py"),
     ("decode", r"PIL/|server/images\.py|model/transforms\.py|base64"),
     ("json", r"\(json/|orjson|pydantic|fastapi/encoders|server/http/responses\.py|server/http/schemas\.py"),
     ("ipc", r"asyncio/streams|msgpack|server/ipc/"),

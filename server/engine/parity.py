@@ -1,8 +1,9 @@
 """Parity of a backend with torch eager: are two exits' logits the same answer?
 
-Used by :class:`server.engine.backends.OrtBackend` at load (a disagreeing export
-stops the server from starting) and by tests. Figures are relative to the
-logits' size, so the rule holds for float32 at any logit scale.
+Used by :func:`server.engine.backends.check_parity`, which a backend other than
+torch eager runs at load (a disagreeing export stops the server from starting),
+and by tests. Figures are relative to the logits' size, so the rule holds for
+float32 at any logit scale.
 """
 
 from __future__ import annotations

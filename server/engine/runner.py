@@ -31,7 +31,7 @@ import torch
 from model.checkpoint import Checkpoint
 from model.network import MSDState
 
-from .backends import make_backend
+from .backends import make_backend, to_host
 from .scheduler import BlockScheduler, Finished, LatencyModel, Outcome, Task  # Finished: re-exported
 
 log = logging.getLogger("msdnet.runner")
@@ -59,15 +59,16 @@ class Runner:
         torch_threads: intra-op threads of each model thread (and of ONNX Runtime's sessions).
         model_threads: threads that run block steps concurrently (each with ``torch_threads``
             intra-op threads); the scheduler, latency model and answers are shared.
-        backend: what runs a block step, ``torch`` (eager) or ``onnxruntime`` (``server.engine.backends``;
-            exported and checked for parity here, so a mismatch stops the server from starting).
+        backend: the registered name of what runs a block step (``server.engine.backends``): ``torch``
+            (eager) or ``onnxruntime`` (exported and checked for parity here, so a mismatch stops the
+            server from starting). Input batches go to its device; logits come back as host numpy.
         on_step: called after each step with (block 0-based, batch size, seconds, queue depths),
             and with batch size 0 when images leave a queue without a step (deadline, budget).
         trim_interval_s: when the queues run empty, at most this often (seconds; 0 = never)
             hand the C heap's free pages back to the system (:func:`release_free_heap`).
 
     Raises:
-        ValueError: ``model_threads`` below 1, or an unknown backend.
+        ValueError: ``model_threads`` below 1, or an unknown backend (naming the registered ones).
         server.engine.backends.BackendError: the ONNX Runtime backend fails to build or its parity check.
 
     Attributes:
@@ -173,9 +174,9 @@ class Runner:
         """Run every block at batch 1 and at max batch size to seed the latency model."""
         spec = self.model.cfg
         for n in (1, self.scheduler.max_batch_size):
-            x = torch.zeros(n, spec.in_channels, spec.image_size, spec.image_size)
+            x = torch.zeros(n, spec.in_channels, spec.image_size, spec.image_size, device=self.backend.device)
             for r in range(rounds + 1):
-                state = self.model.start(x)
+                state = self.backend.start(x)
                 for k in range(self.num_exits):
                     t0 = time.perf_counter()
                     _, state = self.backend.advance(state)
@@ -228,10 +229,10 @@ class Runner:
 
     def _gather(self, block: int, batch: list[Task]) -> MSDState:
         if block == 0:
-            x = torch.from_numpy(np.stack([t.state.image for t in batch]))
+            x = torch.from_numpy(np.stack([t.state.image for t in batch])).to(self.backend.device)
             for t in batch:
                 t.state.image = None
-            return self.model.start(x, lazy=True)
+            return self.backend.start(x, lazy=True)
         groups: dict[int, list[Task]] = {}
         for t in batch:
             groups.setdefault(id(t.state.batch_state), []).append(t)
@@ -246,7 +247,7 @@ class Runner:
         t0 = time.perf_counter()
         state = self._gather(block, batch)
         logits, new_state = self.backend.advance(state)
-        probs, finite = _softmax(logits.numpy().astype(np.float64) / self.temperatures[block])
+        probs, finite = _softmax(to_host(logits).astype(np.float64) / self.temperatures[block])
         seconds = time.perf_counter() - t0
         conf = probs.max(axis=1)
         conf[~finite] = np.nan  # the scheduler's sign for "no answer"

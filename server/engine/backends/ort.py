@@ -1,28 +1,19 @@
-"""Block backends: run block k and its classifier on a batch state.
+"""The ``onnxruntime`` backend: one ONNX Runtime CPU session per block and its classifier.
 
-The runner advances a batch of images one exit at a time (``model.network``:
-:meth:`MSDNet.advance` on an :class:`MSDState`). A backend does that step:
+Each step is exported with ``torch.onnx`` with a dynamic batch axis. The multi-scale
+state tensors are named inputs and outputs (``x`` for the images, ``s<scale>`` for
+incoming feature maps, ``new_s<scale>`` for computed ones, ``logits``), and each
+session reads and writes exactly the tensors the eager staged forward reads and
+writes at that step (lazy evaluation included; :func:`step_io`). Maps a step neither
+reads nor writes but a later step needs are carried past the session unchanged.
 
-- ``torch``: torch eager, ``model.advance`` itself (the reference).
-- ``onnxruntime``: one ONNX Runtime session per block and its classifier,
-  exported with ``torch.onnx`` with a dynamic batch axis. The multi-scale state
-  tensors are named inputs and outputs (``x`` for the images, ``s<scale>`` for
-  incoming feature maps, ``new_s<scale>`` for computed ones, ``logits``), and each session reads and writes exactly the
-  tensors the eager staged forward reads and writes at that step (lazy evaluation
-  included; :func:`step_io`). Maps a step neither reads nor writes but a later
-  step needs are carried past the session unchanged.
-
-Both work on the same state representation, :class:`MSDState` with CPU float32
-torch tensors (the ORT backend hands them to ONNX Runtime as numpy views without
-copying), so the runner's ``select``/``cat`` of rows and the FLOPs accounting
-are the same for both. At load the ORT backend checks parity: a random batch
-through every exit in both backends must agree (:func:`compare_logits`: logits
-within ``PARITY_RTOL`` of the exit's largest logit, probabilities within
-``PARITY_PROB_ATOL``, the same top-1 class), else :class:`BackendError`.
-
-FLOPs (multiply-accumulates of convs and linears, MSDNet paper convention) are
-not counted here: a backend runs the same nodes as eager, so the checkpoint's
-per-exit costs hold for both.
+It works on eager's state representation, :class:`MSDState` with CPU float32 torch
+tensors (handed to ONNX Runtime as numpy views without copying), so a state can go
+on in either backend. At load it checks parity
+(:func:`server.engine.backends.check_parity`: a random batch through every exit here
+and in eager must agree, :func:`compare_logits`: logits within ``PARITY_RTOL`` of the
+exit's largest logit, probabilities within ``PARITY_PROB_ATOL``, the same top-1
+class), else :class:`BackendError`.
 """
 
 from __future__ import annotations
@@ -45,17 +36,13 @@ from torch import Tensor, nn
 
 from model.network import MSDNet, MSDState
 
-from .parity import ParityFigures, compare_logits
+from ..parity import ParityFigures
+from . import BackendError, check_parity, register_backend
 
 log = logging.getLogger("msdnet.backends")
 
-BACKENDS = ("torch", "onnxruntime")
 DEFAULT_CHUNK = 16  # rows per ORT run; see OrtBackend.advance
 ONNX_OPSET = 17
-
-
-class BackendError(Exception):
-    """A backend cannot be built or disagrees with torch eager at load."""
 
 
 @dataclass(frozen=True)
@@ -105,19 +92,6 @@ def _name(scale: int) -> str:
 
 def _out_name(scale: int) -> str:
     return f"new_s{scale}"  # distinct from the input's name: ONNX names each value once
-
-
-class TorchBackend:
-    """Torch eager: :meth:`MSDNet.advance` (the reference)."""
-
-    name = "torch"
-
-    def __init__(self, model: MSDNet):
-        self.model = model.eval()
-
-    def advance(self, state: MSDState) -> tuple[Tensor, MSDState]:
-        """Logits (N, num_classes) of exit ``state.exits_done + 1`` and the new state."""
-        return self.model.advance(state)
 
 
 class _Step(nn.Module):
@@ -234,6 +208,7 @@ class OrtBackend:
         check: run the parity check (:meth:`check_parity`) at load.
 
     Attributes:
+        device: the CPU (states, inputs and logits are CPU float32 tensors).
         export_s, load_s, check_s: seconds spent exporting (0 on a cache hit),
             building sessions and checking parity.
         parity: the parity check's worst figures (None when not checked).
@@ -244,6 +219,7 @@ class OrtBackend:
     """
 
     name = "onnxruntime"
+    device = torch.device("cpu")
 
     def __init__(self, model: MSDNet, *, threads: int = 1, cache_dir: str | Path | None = None,
                  lazy: bool = True, check: bool = True, level: str = "all", chunk: int = DEFAULT_CHUNK):
@@ -288,6 +264,10 @@ class OrtBackend:
         log.info("onnxruntime backend: export %.2f s, sessions %.2f s, parity check %.2f s",
                  self.export_s, self.load_s, self.check_s)
 
+    def start(self, x: Tensor, lazy: bool = True) -> MSDState:
+        """The state before exit 1 of ``x`` (N, C, H, W), CPU float32 (eager's state)."""
+        return self.model.start(x, lazy)
+
     def advance(self, state: MSDState) -> tuple[Tensor, MSDState]:
         """Logits (N, num_classes) of exit ``state.exits_done + 1`` and the new state;
         the input state is left unchanged (outputs are new tensors).
@@ -331,8 +311,9 @@ class OrtBackend:
         return outs
 
     def check_parity(self, batch_size: int = 3, seed: int = 0) -> ParityFigures:
-        """Run a random batch (N(0, 1) images) through every exit in eager and here
-        and compare the logits with :func:`compare_logits`.
+        """Run a random batch (N(0, 1) images, (``batch_size``, C, H, W)) through every
+        exit in eager and here and compare the logits
+        (:func:`server.engine.backends.check_parity`).
 
         Returns:
             The worst figures over all exits.
@@ -340,24 +321,7 @@ class OrtBackend:
         Raises:
             BackendError: when some exit's logits disagree, naming the exit and the figure.
         """
-        cfg = self.model.cfg
-        x = torch.randn(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size,
-                        generator=torch.Generator().manual_seed(seed))
-        figures = []
-        with torch.inference_mode():
-            ref, mine = self.model.start(x, self.lazy), self.model.start(x, self.lazy)
-            for k in range(self.model.num_exits):
-                a, ref = self.model.advance(ref)
-                b, mine = self.advance(mine)
-                fig = compare_logits(a, b)
-                if not fig.ok:
-                    raise BackendError(f"onnxruntime disagrees with torch eager at exit {k + 1}: {fig.describe()}; "
-                                       f"refusing to serve with this backend")
-                figures.append(fig)
-        worst = ParityFigures(max(f.relative for f in figures), max(f.absolute for f in figures),
-                              max(f.probability for f in figures), 0)
-        log.info("onnxruntime parity with torch eager over %d exits: %s", len(figures), worst.describe())
-        return worst
+        return check_parity(self, self.model, lazy=self.lazy, batch_size=batch_size, seed=seed)
 
 
 def _output_shapes(model: MSDNet, ios: list[StepIO], lazy: bool) -> list[list[tuple[int, ...]]]:
@@ -372,15 +336,11 @@ def _output_shapes(model: MSDNet, ios: list[StepIO], lazy: bool) -> list[list[tu
     return shapes
 
 
-def make_backend(name: str, model: MSDNet, *, threads: int = 1, cache_dir: str | Path | None = None):
-    """The backend ``name`` (``torch`` or ``onnxruntime``) for ``model``.
+@register_backend("onnxruntime")
+def build(model: MSDNet, *, threads: int, cache_dir: str | Path | None) -> OrtBackend:
+    """An :class:`OrtBackend` with ``threads`` intra-op threads, lazy evaluation, checked for parity.
 
     Raises:
-        ValueError: for an unknown name.
-        BackendError: when the ONNX Runtime backend cannot be built or fails its parity check.
+        BackendError: export failed or its logits disagree with eager's.
     """
-    if name == "torch":
-        return TorchBackend(model)
-    if name == "onnxruntime":
-        return OrtBackend(model, threads=threads, cache_dir=cache_dir)
-    raise ValueError(f"unknown backend {name!r}; one of {', '.join(BACKENDS)}")
+    return OrtBackend(model, threads=threads, cache_dir=cache_dir)

@@ -136,6 +136,7 @@ class Service:
                           if settings.latency_slo_ms else None)
         self._objective_lock = threading.Lock()  # model threads and the event loop both steer it
         self._degraded_s = 0.0  # already exported to msdnet_degraded_seconds_total
+        self._ages = [0.0, 0]  # requests' age when they reached the engine since the last control step: sum (s), n
         self.on_admission = None  # engine process: publishes each new Admission to the HTTP workers
         self.metrics.objective.set(settings.latency_slo_ms / 1e3 if settings.latency_slo_ms else 0.0)
         self.fleet = None  # a server.budget.fleet.Fleet when a Redis URL is configured
@@ -234,7 +235,9 @@ class Service:
             if not obj.due(now):
                 return
             obj.set_target(self.keeper.target)  # PUT /budget, or the fleet's target adopted on the fleet thread
-            changed = obj.update(now, self.forecast_wait(depths), self._model_threads)
+            total, n = self._ages
+            self._ages = [0.0, 0]
+            changed = obj.update(now, self.forecast_wait(depths) + (total / n if n else 0.0), self._model_threads)
             view, admission = obj.view(), obj.admission(obj.wait_s)
             degraded_s, self._degraded_s = obj.degraded_s - self._degraded_s, obj.degraded_s
         if changed:
@@ -256,8 +259,8 @@ class Service:
         if self.objective is None:
             return OPEN
         wait = self.forecast_wait()
-        with self._objective_lock:
-            return self.objective.admission(wait)
+        with self._objective_lock:  # the fresh forecast, or the last control step's (it adds requests' age)
+            return self.objective.admission(max(wait, self.objective.wait_s))
 
     def admit(self, deadline_ms: float | None, started: float) -> None:
         """Refuse a request before its image is decoded when the objective says so.
@@ -304,6 +307,9 @@ class Service:
         return decode(data, self.transforms, self.settings.max_image_pixels, self.settings.jpeg_draft)
 
     def _submit(self, images, policies, deadlines, started, on_done):
+        ages = self._ages  # how old requests are when they reach the engine (the objective's loop)
+        ages[0] += time.monotonic() - started
+        ages[1] += 1
         try:
             return self.runner.submit(images, policies, deadlines, started, on_done)
         except QueueFull as exc:

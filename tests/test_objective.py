@@ -163,3 +163,13 @@ def test_in_fleet_mode_a_degraded_replica_charges_nothing_to_the_others():
     other.set_fleet(FleetView(deficit=degraded.deficit, bias_rate=degraded.bias * 10, rate=10.0), own_rate=10.0,
                     horizon=200.0)
     assert other.command == pytest.approx(alone, rel=1e-9)  # the other replica's command is unchanged
+
+
+def test_the_front_door_also_sheds_while_decoding_is_behind_and_forgets_a_stale_delay():
+    door = FrontDoor(OBJECTIVE_S)
+    for _ in range(50):
+        door.observe_decode(0.080)  # requests waited 80 ms for their image to be decoded
+    assert door.decode_delay_s > door.limit_s and door.share > 0.5
+    for _ in range(400):  # no decode reports (all refused), the loop itself is on time
+        door.observe(0.0)
+    assert door.decode_delay_s < 0.5 * door.limit_s and door.share == 0.0

@@ -16,7 +16,10 @@ Each control interval (a tenth of the objective, at most 0.1 s) it reads two
 figures the engine measures:
 
 - ``wait_s``: the forecast queueing delay of an image arriving now (the work
-  queued at every block, from the step-time model, divided by the model threads);
+  queued at every block, from the step-time model, divided by the model threads),
+  plus how old requests were when they reached the engine (HTTP and decoding
+  share the cores with the blocks: a backlog there is latency too, and cheaper
+  blocks free CPU for it);
 - ``busy``: the share of the model threads' time spent in block steps.
 
 and steers the *span*, where the target in force is
@@ -28,11 +31,11 @@ and steers the *span*, where the target in force is
    lowered by ``min_cut``, so a deep queue reaches exit 1 within a few
    intervals.
 2. **Hold utilisation** (the queue is short): the target in force is scaled by
-   ``busy_goal / busy``, at most ``max_raise`` up or ``1 / max_raise`` down per
-   interval, but only outside a dead band of +/- ``band`` around ``busy_goal``
+   ``busy_goal / busy``, by at most a factor ``rate_per_s`` per second either
+   way, but only outside a dead band of +/- ``band`` around ``busy_goal``
    (hysteresis: a steady load settles instead of swinging). An idle or
    HTTP-bound engine (busy low) so returns to the configured target within a
-   second or two.
+   few seconds (a factor 2, ImageNet MSDNet-5's exit 1 to a 40% target, in 1.7 s).
 3. **Refuse** only at the first exit: while the span is 0 and the forecast wait
    of a new arrival exceeds ``refuse_share`` of the objective, new requests are
    refused; a request with its own deadline is refused when the forecast wait
@@ -114,7 +117,7 @@ class LatencyObjective:
             arrival may reach before requests are refused (>= ``wait_share``).
         busy_goal: the model threads' busy share held while the queue is short.
         band: half-width of the dead band around ``busy_goal``.
-        max_raise: largest factor the target in force moves by per interval when
+        rate_per_s: largest factor the target in force moves by per second when
             steering utilisation.
         min_cut: span lowered by at least this much per interval while cutting.
         busy_halflife_s: half-life of the busy share's smoothing (seconds).
@@ -124,7 +127,7 @@ class LatencyObjective:
     """
 
     def __init__(self, objective_s: float, exit_flops: list[float], target: float, *, wait_share: float = 0.4,
-                 refuse_share: float = 0.6, busy_goal: float = 0.85, band: float = 0.07, max_raise: float = 1.1,
+                 refuse_share: float = 0.6, busy_goal: float = 0.85, band: float = 0.07, rate_per_s: float = 1.5,
                  min_cut: float = 0.02, busy_halflife_s: float = 0.3):
         if not (math.isfinite(objective_s) and objective_s > 0):
             raise ValueError(f"latency objective must be positive seconds, got {objective_s}")
@@ -133,7 +136,7 @@ class LatencyObjective:
         self.objective_s = float(objective_s)
         self.exit1 = float(exit_flops[0])
         self.wait_share, self.refuse_share = wait_share, refuse_share
-        self.busy_goal, self.band, self.max_raise, self.min_cut = busy_goal, band, max_raise, min_cut
+        self.busy_goal, self.band, self.rate_per_s, self.min_cut = busy_goal, band, rate_per_s, min_cut
         self.busy_halflife_s = busy_halflife_s
         self.interval_s = min(0.1, self.objective_s / 10)
         self.span = 1.0
@@ -197,10 +200,10 @@ class LatencyObjective:
             self.reason = (f"forecast queueing delay {wait_s * 1e3:.0f} ms > {limit * 1e3:.0f} ms "
                            f"({self.wait_share:.0%} of the {self.objective_s * 1e3:g} ms objective)")
         elif self.busy > self.busy_goal + self.band and self.span > 0:
-            self._scale(max(1 / self.max_raise, self.busy_goal / self.busy))
+            self._scale(max(self.rate_per_s ** -dt, self.busy_goal / self.busy))
             self.reason = f"model threads busy {self.busy:.0%} > {self.busy_goal + self.band:.0%}"
         elif self.busy < self.busy_goal - self.band and self.span < 1.0:
-            self._scale(min(self.max_raise, self.busy_goal / max(self.busy, 1e-3)))
+            self._scale(min(self.rate_per_s ** dt, self.busy_goal / max(self.busy, 1e-3)))
             self.reason = (f"model threads busy {self.busy:.0%} < {self.busy_goal - self.band:.0%}: "
                            "raising the target in force")
         elif self.span >= 1.0:
@@ -238,19 +241,21 @@ class LatencyObjective:
 
 class FrontDoor:
     """Sheds load at an HTTP process's front door when the process itself, not
-    the engine, is the bottleneck (a small network: HTTP, JSON and decoding cost
-    more than the blocks, so degrading the exits cannot help).
+    the engine, is behind (HTTP, JSON and decoding share the cores with the
+    blocks: on a small network they cost more than the blocks, so degrading the
+    exits cannot help; on a large one decoding may queue behind the blocks).
 
-    The signal is the event loop's lag (how late a 10-ms timer fires): requests
-    wait unread in socket buffers while the loop is behind, invisible to every
-    stamp the server can take, and the lag grows with that backlog. While the
-    smoothed lag exceeds ``lag_share`` of the objective, a growing share of new
-    requests is refused (a refusal costs a fraction of an answer, so the loop
-    catches up); below half of it, the share falls back to 0.
+    Two signals, each smoothed: the event loop's lag (how late a 10-ms timer
+    fires: requests wait unread in socket buffers while the loop is behind,
+    invisible to every stamp the server can take) and the decode delay (from a
+    request's arrival to its image decoded: decoding waits for a worker thread
+    and a core). While the larger exceeds ``lag_share`` of the objective, a
+    growing share of new requests is refused (a refusal costs a fraction of an
+    answer, so the process catches up); below half of it, the share falls back to 0.
 
     Args:
         objective_s: the latency objective (seconds).
-        lag_share: share of the objective the loop's lag may reach.
+        lag_share: share of the objective either signal may reach.
         rise: refusal share added per sample at the limit (more above it).
         fall: refusal share removed per sample below half the limit.
         max_share: the largest share refused.
@@ -260,15 +265,31 @@ class FrontDoor:
                  max_share: float = 0.95):
         self.limit_s = lag_share * objective_s
         self.rise, self.fall, self.max_share = rise, fall, max_share
-        self.lag_s = 0.0
+        self.loop_lag_s = 0.0
+        self.decode_delay_s = 0.0
         self.share = 0.0
 
+    @property
+    def lag_s(self) -> float:
+        """How far behind this process is (seconds): the larger smoothed signal."""
+        return max(self.loop_lag_s, self.decode_delay_s)
+
     def observe(self, lag_s: float) -> None:
-        """One lag sample (seconds late; from the loop's timer)."""
-        self.lag_s = 0.7 * self.lag_s + 0.3 * max(0.0, lag_s)
-        if self.lag_s > self.limit_s:
-            self.share = min(self.max_share, self.share + self.rise * min(self.lag_s / self.limit_s, 4.0))
-        elif self.lag_s < 0.5 * self.limit_s:
+        """One event-loop lag sample (seconds late; from the loop's timer, every ~10 ms)."""
+        self.loop_lag_s = 0.7 * self.loop_lag_s + 0.3 * max(0.0, lag_s)
+        self.decode_delay_s *= 0.98  # forget a delay no decode reports any more (half-life ~0.35 s)
+        self._steer()
+
+    def observe_decode(self, delay_s: float) -> None:
+        """One request's delay from arrival to its image decoded (seconds)."""
+        self.decode_delay_s = 0.9 * self.decode_delay_s + 0.1 * max(0.0, delay_s)
+        self._steer()
+
+    def _steer(self) -> None:
+        lag = self.lag_s
+        if lag > self.limit_s:
+            self.share = min(self.max_share, self.share + self.rise * min(lag / self.limit_s, 4.0))
+        elif lag < 0.5 * self.limit_s:
             self.share = max(0.0, self.share - self.fall)
 
     def admits(self, draw: float) -> bool:

@@ -59,6 +59,7 @@ from ..service import Service
 from . import params as rules
 from .deps import LoadedService, ReadyService, arrival
 from .responses import error_responses
+from .routes import decoded
 from .schemas import EXAMPLE_IMAGE
 from .v2_tensors import OUTPUTS, decode_inputs, encode_tensor, parse_body, requested_outputs
 
@@ -202,6 +203,7 @@ async def infer(request: Request, name: str, service: ReadyService) -> Response:
     outputs = requested_outputs(header)
     service.admit(deadline_ms, started)
     images = await run_in_threadpool(decode_inputs, service, header.get("inputs"), tail)  # off the event loop
+    decoded(request, started)
     if budget is not None:
         done = (await service.batch(images, budget, started)).results
         for f in done:

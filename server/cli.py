@@ -128,7 +128,7 @@ def cmd_batch_eval(args) -> int:
     from model.checkpoint import load
     from model.evaluate import collect_logits, test_set
 
-    from .budget.batch_eval import compare
+    from .engine.batch_eval import compare
 
     ck = load(args.checkpoint) if args.checkpoint else load()
     test = test_set(ck, args.data_dir)

@@ -23,7 +23,8 @@ from . import errors
 from .budget.controller import BudgetController
 from .budget.keeper import BudgetKeeper, BudgetView
 from .budget.objective import OPEN, Admission, LatencyObjective, ObjectiveView
-from .engine.scheduler import BudgetPolicy, Finished, Outcome, QueueFull, Task, ThresholdPolicy
+from .budget.policies import BudgetPolicy, ThresholdPolicy
+from .engine.scheduler import Finished, Outcome, QueueFull, Task
 from .images import decode
 from .metrics import Metrics
 from .settings import Settings

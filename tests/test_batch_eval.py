@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.budget.batch_eval import simulate_batch
+from server.engine.batch_eval import simulate_batch
 
 
 def test_simulated_batch_respects_budget_and_thresholds():

@@ -20,8 +20,9 @@ import pytest
 
 from model.checkpoint import load
 from model.network import MSDState
+from server.budget.policies import BudgetPolicy
 from server.engine.runner import Finished, ImageData, Runner
-from server.engine.scheduler import BudgetPolicy, Outcome, Task
+from server.engine.scheduler import Outcome, Task
 
 KINDS = (Task, ImageData, MSDState, Finished)
 

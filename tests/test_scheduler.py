@@ -7,15 +7,8 @@ import sys
 
 import pytest
 
-from server.engine.scheduler import (
-    BlockScheduler,
-    BudgetPolicy,
-    LatencyModel,
-    Outcome,
-    QueueFull,
-    Task,
-    ThresholdPolicy,
-)
+from server.budget.policies import BudgetPolicy, ThresholdPolicy
+from server.engine.scheduler import BlockScheduler, LatencyModel, Outcome, QueueFull, Task
 
 
 def policy(thresholds=(0.9, 0.9, 0.0)):

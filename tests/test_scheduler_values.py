@@ -5,15 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.scheduler import (
-    BlockScheduler,
-    BudgetPolicy,
-    LatencyModel,
-    Outcome,
-    QueueFull,
-    Task,
-    ThresholdPolicy,
-)
+from server.budget.policies import BudgetPolicy, ThresholdPolicy
+from server.engine.scheduler import BlockScheduler, LatencyModel, Outcome, QueueFull, Task
 
 
 def test_a_confidence_equal_to_the_threshold_leaves():

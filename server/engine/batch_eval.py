@@ -1,7 +1,7 @@
 """Offline check of budgeted batch classification (``POST /batch``) on a test split.
 
-Runs the server's own :class:`~server.engine.BudgetPolicy` through the real
-:class:`~server.engine.BlockScheduler` (a fake clock; each image's per-exit
+Runs the server's own :class:`~server.budget.policies.BudgetPolicy` through the real
+:class:`~server.engine.scheduler.BlockScheduler` (a fake clock; each image's per-exit
 confidences precomputed with the model, which is what the runner would compute)
 on consecutive batches of the test split, for a range of budgets, and compares
 with the paper's fixed-threshold method (thresholds from the validation split,
@@ -20,7 +20,8 @@ from model import calibration as C
 from model.checkpoint import Checkpoint
 from model.curve import with_ends
 
-from ..engine.scheduler import BlockScheduler, BudgetPolicy, Task
+from ..budget.policies import BudgetPolicy
+from .scheduler import BlockScheduler, Task
 
 
 def simulate_batch(conf: np.ndarray, budget: float, thresholds, exit_flops: list[float],

@@ -21,19 +21,18 @@ def png(w: int, h: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def test_large_images_decode_in_the_low_priority_process_small_ones_on_the_pool(tiny_checkpoint):
+def test_large_images_decode_in_the_low_priority_process_small_ones_on_the_pool(tiny_checkpoint, monkeypatch):
     big, small = png(1100, 1000), png(28, 28)  # 1.1 million pixels (noise: far over 16 KB), 784 pixels
     assert decoding.is_large(big) and not decoding.is_large(small) and not decoding.is_large(b"x" * 20000)
     seen = []
     with ready_client(tiny_checkpoint) as c:
-        service = c.app.state.service
-        original = service.decode
+        service, settings = c.app.state.engine, c.app.state.settings
 
-        def recording(data):  # what runs in this process
+        def recording(data, *args):  # what runs in this process
             seen.append((len(data), threading.current_thread().name))
-            return original(data)
+            return decode_image(data, *args)
 
-        service.decode = recording
+        monkeypatch.setattr(decoding, "decode_image", recording)
         loop_thread = c.portal.call(lambda: threading.current_thread().name)
         decoding.last_large = None
         for body in (big, small):
@@ -47,7 +46,8 @@ def test_large_images_decode_in_the_low_priority_process_small_ones_on_the_pool(
             for b in (small, big)]
         bad = c.post("/classify", content=big[:30000], headers={"content-type": "image/png"})  # truncated
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_image"
-        same = decoding.decode(service, big)
-        np.testing.assert_array_equal(same, decode_image(big, service.transforms, service.settings.max_image_pixels))
+        same = decoding.decode(big, service.transforms, settings)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(same, decode_image(big, service.transforms, settings.max_image_pixels))
     assert [n for n, _ in seen] == [len(small)] * 3  # the big ones never decoded in this process
     assert all(name != loop_thread for _, name in seen)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.http import params
+from server.http import decoding, params
 from server.http.app import create_app
 from server.settings import Settings
 from tests.inprocess import ready_client
@@ -39,14 +39,14 @@ def test_slow_decoding_counts_against_the_deadline(client, monkeypatch):
     """The deadline runs from the request's arrival, decoding included: a decode
     that takes longer than the whole deadline leaves no time for exit 1 (504),
     and the miss is counted. Mutant ``deadline-from-after-decode``."""
-    service = client.app.state.service
-    real = service.decode
+    service = client.app.state.engine
+    real = decoding.decode_image
 
-    def slow(data):
+    def slow(*args):
         time.sleep(0.4)  # at least 400 ms: past the 150 ms deadline whatever the CPU
-        return real(data)
+        return real(*args)
 
-    monkeypatch.setattr(service, "decode", slow)
+    monkeypatch.setattr(decoding, "decode_image", slow)
     misses = service.metrics.deadline_misses._value.get()
     flops = service.metrics.flops.labels(endpoint="/classify")._value.get()
     r = client.post("/classify", json={"image": base64.b64encode(png(1)).decode(), "deadline_ms": 150})
@@ -56,7 +56,7 @@ def test_slow_decoding_counts_against_the_deadline(client, monkeypatch):
     assert service.metrics.flops.labels(endpoint="/classify")._value.get() == flops  # nothing computed
     monkeypatch.undo()
     # The same request with a deadline the sleep cannot use up is served.
-    monkeypatch.setattr(service, "decode", slow)
+    monkeypatch.setattr(decoding, "decode_image", slow)
     r = client.post("/classify", json={"image": base64.b64encode(png(1)).decode(), "deadline_ms": 60_000})
     assert r.status_code == 200 and r.json()["deadline_met"] is True, r.text
 

@@ -35,7 +35,7 @@ def client(tiny_checkpoint):
 
 
 def test_without_pressure_answers_are_at_the_configured_target_and_budget_says_why(client):
-    svc = client.app.state.service
+    svc = client.app.state.engine
     r = client.post("/classify", content=png(), headers={"content-type": "image/png"}).json()
     assert r["degraded"] is False and r["target_flops"] == svc.keeper.target
     b = client.get("/budget").json()
@@ -46,7 +46,7 @@ def test_without_pressure_answers_are_at_the_configured_target_and_budget_says_w
 
 
 def test_the_forecast_wait_is_the_queued_work_over_the_model_threads(client):
-    svc = client.app.state.service
+    svc = client.app.state.engine
     sched = svc.runner.scheduler
     size = sched.max_batch_size
     per_image = [sched.latency.estimate(b, size) / size for b in range(svc.num_exits)]
@@ -55,7 +55,7 @@ def test_the_forecast_wait_is_the_queued_work_over_the_model_threads(client):
 
 
 def test_a_degraded_target_is_said_in_every_answer(client):
-    svc = client.app.state.service
+    svc = client.app.state.engine
     exit1 = svc.exit_flops[0]
     svc.keeper.set_in_force(exit1)  # what the loop does when the queue breaks the objective
     try:
@@ -68,7 +68,7 @@ def test_a_degraded_target_is_said_in_every_answer(client):
 
 
 def test_at_exit_1_a_queue_over_the_objective_refuses_at_once_before_decoding(client, monkeypatch):
-    svc = client.app.state.service
+    svc = client.app.state.engine
     monkeypatch.setattr(svc, "forecast_wait", lambda depths=None: 7.0)  # a 7-s queue ahead (refused over 6 s)
     monkeypatch.setattr(svc.objective, "span", 0.0)  # and every image already at exit 1
     before = metric(client.get("/metrics").text, 'msdnet_rejected_requests_total{reason="objective"}')
@@ -92,7 +92,7 @@ def test_at_exit_1_a_queue_over_the_objective_refuses_at_once_before_decoding(cl
 
 
 def test_above_exit_1_the_same_queue_degrades_instead_of_refusing(client, monkeypatch):
-    svc = client.app.state.service
+    svc = client.app.state.engine
     monkeypatch.setattr(svc, "forecast_wait", lambda depths=None: 7.0)
     assert svc.objective.span > 0
     r = client.post("/classify", content=png(), headers={"content-type": "image/png"})

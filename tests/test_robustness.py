@@ -385,7 +385,7 @@ def test_request_ids_are_echoed_only_when_bounded_and_printable(client, given, e
 
 # ---- 14. held steps, not races ------------------------------------------------------------------------------------
 def test_healthz_answers_while_a_batch_is_in_flight(client):
-    runner = client.app.state.service.runner
+    runner = client.app.state.engine.runner
     images = [b64(encode(Image.fromarray(picture(i)), "PNG")) for i in range(16)]
     result = {}
     with Hold(runner) as hold:
@@ -400,7 +400,7 @@ def test_healthz_answers_while_a_batch_is_in_flight(client):
 
 
 def test_expired_deadline_is_504_and_spends_nothing(client):
-    runner = client.app.state.service.runner
+    runner = client.app.state.engine.runner
     first = b64(encode(Image.fromarray(picture(20)), "PNG"))
     before = client.get("/metrics").text
     with Hold(runner) as hold:
@@ -423,7 +423,7 @@ def test_expired_deadline_is_504_and_spends_nothing(client):
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
     after = client.get("/metrics").text
     spent = 'msdnet_flops_total{endpoint="/classify"}'
-    exit_flops = client.app.state.service.exit_flops
+    exit_flops = client.app.state.engine.exit_flops
     first_exit = int(metric(after, "msdnet_exits_total") - metric(before, "msdnet_exits_total"))
     assert first_exit == 1  # only the first request was answered
     assert metric(after, spent) - metric(before, spent) in exit_flops  # one request's cost, none for the 504

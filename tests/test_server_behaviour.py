@@ -30,6 +30,7 @@ from torch import nn
 from model.checkpoint import load
 from server import errors
 from server.engine.scheduler import QueueFull
+from server.images import decode as decode_image
 from tests.inprocess import ready_client
 
 TEMPERATURES = [0.6, 1.7, 3.1]  # distinct, so an exit using another exit's temperature shows
@@ -71,7 +72,7 @@ def app_client(path, **settings):
 
 
 def service_of(client):
-    return client.app.state.service
+    return client.app.state.engine
 
 
 def force_exit(service, k: int) -> None:
@@ -299,7 +300,7 @@ def test_the_deadline_counts_from_the_requests_arrival(client, lazy_flops):
     service = service_of(client)
     force_exit(service, 1)
     before = service.metrics.flops.labels(endpoint="/classify")._value.get()
-    image = service.decode(png(3))
+    image = decode_image(png(3), service.transforms, 4096 * 4096)
     with pytest.raises(errors.DeadlineExceeded):
         asyncio.run(service.classify([image], 200.0, time.monotonic() - 1.0))
     assert service.metrics.flops.labels(endpoint="/classify")._value.get() == before

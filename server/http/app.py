@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors
 from ..budget.objective import FrontDoor
-from ..service import Service
+from ..metrics import Metrics
 from ..settings import Settings
 from . import decoding, listener
 from .middleware import RequestContext, watch_loop_lag
@@ -40,11 +40,11 @@ log = logging.getLogger("msdnet.http")
 _HTTP_ERRORS = {400: errors.BadRequest, 404: errors.NotFound, 405: errors.MethodNotAllowed, 413: errors.TooLarge}
 
 
-def _count_slow_client(service: Service, what: str) -> None:
+def _count_slow_client(metrics: Metrics, what: str) -> None:
     """A connection closed by :class:`server.http.protocol.TimedHTTPProtocol`."""
-    service.metrics.rejected.labels(reason="timeout").inc()
+    metrics.rejected.labels(reason="timeout").inc()
     if what == "header_timeout":
-        service.metrics.requests.labels(endpoint="other", status="408").inc()
+        metrics.requests.labels(endpoint="other", status="408").inc()
     log.info("slow client: %s", what)
 
 
@@ -67,7 +67,7 @@ def _openapi(app: FastAPI) -> dict:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.ServiceError)
     async def service_error(request: Request, exc: errors.ServiceError):
-        count_rejection(getattr(request.app.state, "service", None), exc)
+        count_rejection(getattr(request.app.state, "metrics", None), exc)
         return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
@@ -119,21 +119,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else:  # the whole replica in this process
             from model.checkpoint import load as load_checkpoint
 
+            from ..engine.service import Service
+
             listener.claim()  # one process per replica, however the app was started
             service = Service(load_checkpoint(settings.checkpoint, calibrated=True), settings)
             service.start()
             stop = functools.partial(asyncio.to_thread, service.stop, settings.drain_timeout_s)
-        TimedHTTPProtocol.on_reject = functools.partial(_count_slow_client, service)
+        TimedHTTPProtocol.on_reject = functools.partial(_count_slow_client, service.metrics)
         watcher = None
         if settings.latency_slo_ms:  # this process's own front door (HTTP-bound load: server.budget.objective)
             app.state.front_door = FrontDoor(settings.latency_slo_ms / 1e3)
             watcher = asyncio.ensure_future(watch_loop_lag(app.state.front_door))
-        app.state.service = service
+        app.state.metrics = service.metrics  # the engine, the settings and the metrics: three dependencies
+        app.state.engine = service
         # One decode through the request path's thread pool: its first use starts a thread and
         # loads Pillow's plugins (a first request with deadline_ms=20 on a fresh worker got 504).
         sample = Path(__file__).resolve().parent.parent / "samples" / "shirt.png"
         with contextlib.suppress(OSError, errors.ServiceError):
-            await run_in_threadpool(decoding.decode, service, sample.read_bytes())
+            await run_in_threadpool(decoding.decode, sample.read_bytes(), service.transforms, settings)
         await run_in_threadpool(decoding.prestart)  # the large-image process, before the first large image
         gc.collect()  # what start-up loaded lives for good: keep full GC passes short (the engine does the same)
         gc.freeze()
@@ -151,6 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          description="Image classification with MSDNet early exit: each image gets only the compute "
                                      "it needs. FLOPs = multiply-accumulates of convs and linears (MSDNet paper "
                                      "convention).")
+    app.state.settings = settings
     app.include_router(router)
     app.include_router(v2_router)
     app.openapi = functools.partial(_openapi, app)

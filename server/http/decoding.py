@@ -64,18 +64,21 @@ def is_large(data: bytes) -> bool:
     return len(data) > SMALL_BODY_BYTES and pixel_count(data) > LARGE_PIXELS
 
 
-def decode(service, data: bytes) -> np.ndarray:
-    """``service.decode(data)``, or the same decode in the low-priority process for a
-    large image (this thread waits, using no CPU). Call it from a worker thread.
+def decode(data: bytes, contract: InputContract, settings) -> np.ndarray:
+    """Encoded image bytes to the model's input, float32 ``(C, H, W)`` normalised by
+    ``contract`` (:func:`server.images.decode` with ``settings.max_image_pixels`` and
+    ``settings.jpeg_draft``): here for a small image, in the low-priority process for
+    a large one (this thread waits, using no CPU). Call it from a worker thread. The
+    one place the HTTP side decodes, in one process or as one of ``--workers N``.
 
     Raises:
         errors.ServiceError: as :func:`server.images.decode` (bad, unsupported, too large).
     """
     global last_large
     if not is_large(data):
-        return service.decode(data)
-    out, pid, nice = _large_pool().submit(_decode_large, data, service.transforms,
-                                          service.settings.max_image_pixels, service.settings.jpeg_draft).result()
+        return decode_image(data, contract, settings.max_image_pixels, settings.jpeg_draft)
+    out, pid, nice = _large_pool().submit(_decode_large, data, contract, settings.max_image_pixels,
+                                          settings.jpeg_draft).result()
     last_large = (pid, nice)
     return out
 

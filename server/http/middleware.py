@@ -10,7 +10,7 @@ import time
 
 from .. import errors
 from ..logs import request_id
-from ..service import Service
+from ..metrics import Metrics
 from ..settings import Settings
 from . import params
 from .responses import count_rejection, error_response
@@ -95,7 +95,7 @@ class RequestContext:
                     headers={"Retry-After": "1"}, retry_after_s=1.0, loop_lag_ms=round(door.lag_s * 1e3, 1))
             await self.app(scope, self._limited(receive, started), send_wrapped)
         except errors.ServiceError as exc:  # raised here, outside the routes' handlers
-            await _send_error(send_wrapped, exc, path, _service_of(scope))
+            await _send_error(send_wrapped, exc, path, _metrics_of(scope))
         except asyncio.CancelledError:
             if not status.get("gone"):
                 raise
@@ -103,11 +103,11 @@ class RequestContext:
             status["code"] = 499  # nginx's "client closed request", for the metrics and the access log
         finally:
             elapsed = time.monotonic() - started
-            service = _service_of(scope)
+            metrics = _metrics_of(scope)
             endpoint = path if path in ROUTE_LABELS else ("/v2" if path.startswith("/v2") else "other")
-            if service is not None:
-                service.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
-                service.metrics.latency.labels(endpoint=endpoint).observe(elapsed)
+            if metrics is not None:
+                metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
+                metrics.latency.labels(endpoint=endpoint).observe(elapsed)
             if self.settings.access_log and endpoint not in ("/metrics", "/healthz"):
                 log.info("request", extra={"method": scope["method"], "path": path, "status": status["code"],
                                            "latency_ms": round(elapsed * 1e3, 3)})
@@ -145,13 +145,13 @@ def _front_door_of(scope):
     return getattr(app.state, "front_door", None) if app is not None else None
 
 
-def _service_of(scope) -> Service | None:
+def _metrics_of(scope) -> Metrics | None:
     app = scope.get("app")
-    return getattr(app.state, "service", None) if app is not None else None
+    return getattr(app.state, "metrics", None) if app is not None else None
 
 
-async def _send_error(send, exc: errors.ServiceError, path: str, service: Service | None) -> None:
-    count_rejection(service, exc)
+async def _send_error(send, exc: errors.ServiceError, path: str, metrics: Metrics | None) -> None:
+    count_rejection(metrics, exc)
     with contextlib.suppress(Exception):  # the response may have started already
         await error_response(exc, path)({"type": "http"}, None, send)
 

@@ -16,8 +16,8 @@ import numpy as np
 from fastapi.responses import JSONResponse
 
 from .. import errors
-from ..engine.scheduler import Finished
-from ..service import BatchOutcome, BudgetReport, Service
+from ..engine.interface import BatchOutcome, BudgetReport, Engine, Finished
+from ..metrics import Metrics
 from .schemas import ErrorBody
 
 log = logging.getLogger("msdnet.http")
@@ -52,29 +52,35 @@ def error_response(exc: errors.ServiceError, path: str) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 
-def count_rejection(service: Service | None, exc: errors.ServiceError) -> None:
+def count_rejection(metrics: Metrics | None, exc: errors.ServiceError) -> None:
     """``msdnet_rejected_requests_total{reason}``, and a log line for server-side faults."""
-    if service is not None and exc.reason:
-        service.metrics.rejected.labels(reason=exc.reason).inc()
+    if metrics is not None and exc.reason:
+        metrics.rejected.labels(reason=exc.reason).inc()
     if exc.status >= 500 and not isinstance(exc, errors.NotReady):
         log.warning("%s: %s", exc.code, exc.message)
 
 
-def classify_result(service: Service, f: Finished, started: float, deadline_ms: float | None) -> dict:
-    """A ``/classify`` answer (:class:`server.http.schemas.ClassifyResult`); the
-    latency (ms) is counted from ``started``, the request's arrival."""
+def ranked(probs: np.ndarray, k: int) -> list[int]:
+    """The ``k`` most probable class ids of ``probs`` ``(num_classes,)``, most probable
+    first (the one pick of the top class, for the native and the v2 answers)."""
+    return [int(i) for i in np.argsort(-probs)[:k]]
+
+
+def classify_result(engine: Engine, f: Finished, started: float, deadline_ms: float | None, top_k: int) -> dict:
+    """A ``/classify`` answer (:class:`server.http.schemas.ClassifyResult`) with the
+    ``top_k`` classes; the latency (ms) is counted from ``started``, the request's arrival."""
     latency_ms = (time.monotonic() - started) * 1e3
-    order = np.argsort(-f.probs)[: service.settings.top_k]
-    top = [{"class_id": int(i), "label": service.classes[i], "probability": float(f.probs[i])} for i in order]
+    top = [{"class_id": i, "label": engine.classes[i], "probability": float(f.probs[i])}
+           for i in ranked(f.probs, top_k)]
     return {"class_id": top[0]["class_id"], "label": top[0]["label"], "confidence": float(f.confidence),
-            "top_k": top, "exit": f.exit, "num_exits": service.num_exits, "flops": int(f.flops),
+            "top_k": top, "exit": f.exit, "num_exits": engine.num_exits, "flops": int(f.flops),
             "deadline_met": None if deadline_ms is None else latency_ms <= deadline_ms,
             "latency_ms": round(latency_ms, 3), "target_flops": f.target_flops, "degraded": f.degraded}
 
 
-def batch_result(service: Service, out: BatchOutcome, started: float) -> dict:
+def batch_result(engine: Engine, out: BatchOutcome, started: float, top_k: int) -> dict:
     """A ``/batch`` answer (:class:`server.http.schemas.BatchResult`)."""
-    results = [r.body() if isinstance(r, errors.ServiceError) else classify_result(service, r, started, None)
+    results = [r.body() if isinstance(r, errors.ServiceError) else classify_result(engine, r, started, None, top_k)
                for r in out.results]
     return {"results": results, "flops_used": out.flops_used, "flops_budget": out.flops_budget,
             "exit_counts": out.exit_counts}

@@ -1,7 +1,7 @@
 """The native routes: ``/classify``, ``/batch``, ``/budget``, health and metrics.
 
 Each route parses its request with :mod:`server.http.params` (one rule per
-parameter), calls the service and shapes the typed result with
+parameter), calls the engine (server.engine.interface) and shapes the typed result with
 :mod:`server.http.responses`. Images are decoded on a worker thread, never on the
 event loop; a request whose deadline has already passed is refused (504) before
 its image is decoded.
@@ -20,9 +20,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from .. import errors
-from ..service import Service
+from ..settings import Settings
 from . import decoding, params
-from .deps import LoadedService, ReadyService, arrival
+from .deps import AppMetrics, AppSettings, ReadyEngine, arrival
 from .responses import batch_result, budget_state, classify_result, error_responses
 from .schemas import (
     BatchRequest,
@@ -60,10 +60,10 @@ def _body_doc(json_model, multipart, raw: bool) -> dict:
     return doc
 
 
-async def decode_off_loop(service: Service, data: bytes):
-    """:meth:`Service.decode` on a worker thread (Pillow releases the GIL while it
-    decodes); a large image in the low-priority process (``server.http.decoding``)."""
-    return await run_in_threadpool(decoding.decode, service, data)
+async def decode_off_loop(data: bytes, contract, settings: Settings):
+    """:func:`server.http.decoding.decode` on a worker thread (Pillow releases the GIL
+    while it decodes); a large image in the low-priority process."""
+    return await run_in_threadpool(decoding.decode, data, contract, settings)
 
 
 def decoded(request: Request, started: float) -> None:
@@ -80,7 +80,7 @@ router = APIRouter()
 @router.post("/classify", response_model=ClassifyResult, responses=error_responses(400, 408, 413, 415, 422, 503, 504),
              openapi_extra=_body_doc(ClassifyRequest, MULTIPART_CLASSIFY, raw=True),
              summary="Anytime classification of one image")
-async def classify(request: Request, service: ReadyService) -> dict:
+async def classify(request: Request, engine: ReadyEngine, settings: AppSettings) -> dict:
     """Leave at the first exit whose temperature-scaled confidence reaches its
     threshold; with ``deadline_ms``, never start a block the latency estimate
     says would overrun it. Body: JSON ``{"image": base64, "deadline_ms": number}``,
@@ -102,28 +102,23 @@ async def classify(request: Request, service: ReadyService) -> dict:
     else:
         raise errors.UnsupportedMedia(f"content type {ctype or '(none)'!r} is not accepted; send "
                                       "application/json, multipart/form-data or image/*")
-    if deadline is not None and (time.monotonic() - started) * 1e3 >= deadline:
-        service.metrics.deadline_requests.inc()
-        service.metrics.deadline_misses.inc()
-        raise errors.DeadlineExceeded(f"deadline of {deadline:g} ms passed before exit 1 could run; nothing was "
-                                      "computed (not even decoding)", deadline_ms=deadline)
-    service.admit(deadline, started)
-    image = await decode_off_loop(service, data)
+    engine.admit(deadline, started)  # a passed deadline (504) or the latency objective (503): before decoding
+    image = await decode_off_loop(data, engine.transforms, settings)
     decoded(request, started)
-    (f,) = await service.classify([image], deadline, started)
-    return classify_result(service, f, started, deadline)
+    (f,) = await engine.classify([image], deadline, started)
+    return classify_result(engine, f, started, deadline, settings.top_k)
 
 
 @router.post("/batch", response_model=BatchResult, responses=error_responses(400, 408, 413, 415, 422, 503),
              openapi_extra=_body_doc(BatchRequest, MULTIPART_BATCH, raw=False),
              summary="Budgeted batch classification")
-async def batch(request: Request, service: ReadyService) -> dict:
+async def batch(request: Request, engine: ReadyEngine, settings: AppSettings) -> dict:
     """Classify many images under one total FLOPs budget (paper §5.2); easy
     images leave early, hard ones get more blocks; ``flops_used <= flops_budget``.
     A bad image gets an error entry in its place; the others are served."""
     started = arrival(request)
     ctype = params.content_type(request.headers)
-    limit = service.settings.max_batch_images
+    limit = settings.max_batch_images
     if ctype == "application/json":
         body = await params.json_body(request, BatchRequest)
         params.image_count(len(body.images), limit, "/batch")
@@ -140,39 +135,40 @@ async def batch(request: Request, service: ReadyService) -> dict:
         raise errors.UnsupportedMedia(f"content type {ctype or '(none)'!r} is not accepted; send "
                                       "application/json or multipart/form-data")
 
-    service.admit(None, started)
+    engine.admit(None, started)
 
     def decode_all() -> list:
         items = []
         for k in range(len(encoded) if encoded is not None else len(files)):
             try:
                 data = params.b64decode(*encoded[k]) if encoded is not None else files[k]
-                items.append(decoding.decode(service, data))
+                items.append(decoding.decode(data, engine.transforms, settings))
             except errors.ServiceError as exc:  # this image only
                 items.append(exc)
         return items
 
     items = await run_in_threadpool(decode_all)
     decoded(request, started)
-    out = await service.batch(items, budget, started)
-    return batch_result(service, out, started)
+    out = await engine.batch(items, budget, started)
+    return batch_result(engine, out, started, settings.top_k)
 
 
 @router.get("/budget", response_model=BudgetState, responses=error_responses(503),
             summary="Budget controller state")
-async def get_budget(service: ReadyService) -> dict:
-    """Target and realised mean FLOPs per /classify request and the thresholds."""
-    return budget_state(await service.budget())
+async def get_budget(engine: ReadyEngine) -> dict:
+    """Target and realised mean FLOPs per /classify request, the thresholds, and the
+    target in force with the latency objective's state and why."""
+    return budget_state(await engine.budget())
 
 
 @router.put("/budget", response_model=BudgetState, responses=error_responses(401, 403, 408, 413, 422, 503),
             openapi_extra={"requestBody": {"required": True,
                                            "content": {"application/json": _json_doc(BudgetUpdate)}}},
             summary="Change the target mean FLOPs per request")
-async def put_budget(request: Request, service: ReadyService) -> dict:
+async def put_budget(request: Request, engine: ReadyEngine, settings: AppSettings) -> dict:
     """Needs ``Authorization: Bearer <MSDNET_BUDGET_TOKEN>``; refused (403) when
     no token is configured."""
-    token = service.settings.budget_token
+    token = settings.budget_token
     if token is None:
         raise errors.Forbidden("runtime budget changes are disabled: no MSDNET_BUDGET_TOKEN is configured")
     auth = request.headers.get("authorization", "")
@@ -181,11 +177,11 @@ async def put_budget(request: Request, service: ReadyService) -> dict:
         raise errors.Unauthorized("missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
     body = await params.json_body(request, BudgetUpdate)
     try:
-        await service.set_target(body.target_flops)
+        await engine.set_target(body.target_flops)
     except ValueError as exc:
         raise errors.InvalidParameter(str(exc), field="target_flops") from None
     log.info("budget target set to %.0f FLOPs per request", body.target_flops)
-    return budget_state(await service.budget())
+    return budget_state(await engine.budget())
 
 
 @router.get("/healthz", summary="Liveness", response_model=Status, responses=error_responses())
@@ -195,12 +191,12 @@ async def healthz() -> dict:
 
 @router.get("/readyz", summary="Readiness: model loaded and warmed up", response_model=Readiness,
             responses=error_responses(503))
-async def readyz(service: ReadyService) -> dict:
-    return {"status": "ready", "num_exits": service.num_exits}
+async def readyz(engine: ReadyEngine) -> dict:
+    return {"status": "ready", "num_exits": engine.num_exits}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses={
     200: {"description": "Prometheus text exposition format",
           "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}, **error_responses(503)})
-async def metrics(service: LoadedService) -> Response:
-    return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(metrics: AppMetrics) -> Response:
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -55,10 +55,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
 
 from .. import errors
-from ..service import Service
+from ..engine.interface import Engine
 from . import params as rules
-from .deps import LoadedService, ReadyService, arrival
-from .responses import error_responses
+from .deps import AppSettings, LoadedEngine, ReadyEngine, arrival
+from .responses import error_responses, ranked
 from .routes import decoded
 from .schemas import EXAMPLE_IMAGE
 from .v2_tensors import OUTPUTS, decode_inputs, encode_tensor, parse_body, requested_outputs
@@ -101,7 +101,7 @@ async def live(request: Request) -> dict:
 
 
 @router.get("/v2/health/ready", summary="v2: readiness (model warmed up)", responses=v2_errors(503))
-async def ready(service: ReadyService) -> dict:
+async def ready(engine: ReadyEngine) -> dict:
     return {"ready": True}
 
 
@@ -110,20 +110,20 @@ async def server_metadata(request: Request) -> dict:
     return {"name": request.app.title, "version": request.app.version, "extensions": EXTENSIONS}
 
 
-def _metadata(service: Service) -> dict:
-    s = service.transforms
+def _metadata(engine: Engine) -> dict:
+    s = engine.transforms
     return {
         "name": MODEL_NAME, "versions": [MODEL_VERSION], "platform": PLATFORM,
         "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, s.channels, s.image_size, s.image_size]},
                    {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(service.classes)]},
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(engine.classes)]},
                     *({"name": n, "datatype": t, "shape": [-1]} for n, t in OUTPUTS.items() if n != "probabilities")],
         # Protocol parameters are scalars: lists as comma-separated strings.
         "parameters": {"image_size": s.image_size, "channels": s.channels,
                        "mean": ",".join(f"{m:g}" for m in s.mean), "std": ",".join(f"{v:g}" for v in s.std),
-                       "normalisation": "(pixel / 255 - mean) / std", "num_exits": service.num_exits,
-                       "exit_flops": ",".join(str(int(f)) for f in service.exit_flops),
-                       "classes": ",".join(service.classes), **_contract_parameters(s)},
+                       "normalisation": "(pixel / 255 - mean) / std", "num_exits": engine.num_exits,
+                       "exit_flops": ",".join(str(int(f)) for f in engine.exit_flops),
+                       "classes": ",".join(engine.classes), **_contract_parameters(s)},
     }
 
 
@@ -139,16 +139,16 @@ def _contract_parameters(contract) -> dict:
 @router.get("/v2/models/{name}", summary="v2: model metadata", responses=v2_errors(404, 503))
 @router.get("/v2/models/{name}/versions/{version}", summary="v2: model metadata (versioned)", openapi_extra=VERSIONED,
             responses=v2_errors(404, 503))
-async def model_metadata(request: Request, name: str, service: LoadedService) -> dict:
+async def model_metadata(request: Request, name: str, engine: LoadedEngine) -> dict:
     _model(name, request.path_params.get("version"))
-    return _metadata(service)
+    return _metadata(engine)
 
 
 @router.get("/v2/models/{name}/ready", summary="v2: model readiness", responses=v2_errors(404, 503))
 @router.get("/v2/models/{name}/versions/{version}/ready", summary="v2: model readiness (versioned)",
             responses=v2_errors(404, 503),
             openapi_extra=VERSIONED)
-async def model_ready(request: Request, name: str, service: ReadyService) -> dict:
+async def model_ready(request: Request, name: str, engine: ReadyEngine) -> dict:
     _model(name, request.path_params.get("version"))
     return {"name": MODEL_NAME, "ready": True}
 
@@ -185,7 +185,7 @@ INFER_RESPONSES = {200: {"description": "Inference response; application/octet-s
              response_class=Response, responses=INFER_RESPONSES)
 @router.post("/v2/models/{name}/versions/{version}/infer", summary="v2: inference (versioned)",
              openapi_extra={**INFER_BODY, **VERSIONED}, response_class=Response, responses=INFER_RESPONSES)
-async def infer(request: Request, name: str, service: ReadyService) -> Response:
+async def infer(request: Request, name: str, engine: ReadyEngine, settings: AppSettings) -> Response:
     """Classify N images; see the module docstring for tensors and parameters."""
     started = arrival(request)
     _model(name, request.path_params.get("version"))
@@ -201,19 +201,20 @@ async def infer(request: Request, name: str, service: ReadyService) -> Response:
         raise errors.InvalidParameter("deadline_ms and flops_budget cannot be combined: a budgeted batch has "
                                       "no per-image deadline", field="deadline_ms")
     outputs = requested_outputs(header)
-    service.admit(deadline_ms, started)
-    images = await run_in_threadpool(decode_inputs, service, header.get("inputs"), tail)  # off the event loop
+    engine.admit(deadline_ms, started)
+    images = await run_in_threadpool(decode_inputs, engine.transforms, settings, header.get("inputs"),
+                                     tail)  # off the event loop
     decoded(request, started)
     if budget is not None:
-        done = (await service.batch(images, budget, started)).results
+        done = (await engine.batch(images, budget, started)).results
         for f in done:
             if isinstance(f, errors.ServiceError):
                 raise f
     else:
-        done = await service.classify(images, deadline_ms, started)
+        done = await engine.classify(images, deadline_ms, started)
     probs = np.stack([f.probs for f in done])  # (N, K) float64
-    top = [int(np.argsort(-p)[0]) for p in probs]  # the same pick as /classify's top_k[0]
-    values = {"probabilities": probs, "label": [service.classes[i].encode() for i in top], "class_id": top,
+    top = [ranked(p, 1)[0] for p in probs]  # the same pick as /classify's top_k[0]
+    values = {"probabilities": probs, "label": [engine.classes[i].encode() for i in top], "class_id": top,
               "exit": [f.exit for f in done], "flops": [int(f.flops) for f in done]}
     response_params = {"flops_used": sum(values["flops"])}
     if budget is not None:

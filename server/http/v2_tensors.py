@@ -10,8 +10,11 @@ import struct
 
 import numpy as np
 
+from model.transforms import InputContract
+
 from .. import errors
-from ..service import Service
+from ..settings import Settings
+from . import decoding
 from . import params as rules
 
 OUTPUTS = {"probabilities": "FP32", "label": "BYTES", "class_id": "INT64", "exit": "INT32", "flops": "INT64"}
@@ -69,8 +72,9 @@ def flatten(data) -> list:
     return out
 
 
-def decode_inputs(service: Service, inputs: list, tail: bytes) -> list[np.ndarray]:
-    """The request's images, each float32 (C, H, W) normalised like ``decode``'s output.
+def decode_inputs(contract: InputContract, settings: Settings, inputs: list, tail: bytes) -> list[np.ndarray]:
+    """The request's images, each float32 (C, H, W) normalised by ``contract``, as
+    :func:`server.http.decoding.decode` gives them.
 
     Raises:
         errors.ServiceError: malformed input (400), too many images (413), or
@@ -91,14 +95,14 @@ def decode_inputs(service: Service, inputs: list, tail: bytes) -> list[np.ndarra
     if not (isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                       for d in shape)):
         raise errors.BadRequest(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
-    s = service.transforms
+    s = contract
     if name == "image" and shape[1:] != [s.channels, s.image_size, s.image_size]:
         raise errors.BadRequest(f"input 'image': shape {shape} is not [N, {s.channels}, {s.image_size}, "
                                 f"{s.image_size}]")
     n = shape[0] if name == "image" else int(np.prod(shape))
     if n < 1:
         raise errors.BadRequest(f"input '{name}' holds no images (shape {shape})")
-    rules.image_count(n, service.settings.max_batch_images)
+    rules.image_count(n, settings.max_batch_images)
     size = params.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size != len(tail):
@@ -139,7 +143,7 @@ def decode_inputs(service: Service, inputs: list, tail: bytes) -> list[np.ndarra
     images = []
     for i, data in enumerate(files):
         try:
-            images.append(service.decode(data))
+            images.append(decoding.decode(data, contract, settings))
         except errors.ServiceError as exc:
             raise type(exc)(f"image_bytes[{i}]: {exc.message}", headers=exc.headers, **exc.details) from None
     return images

@@ -1,11 +1,10 @@
 """The engine as an HTTP worker process sees it.
 
-:class:`EngineClient` has the part of :class:`server.service.Service` that the
-HTTP layer uses (``decode``, ``classify``, ``batch``, ``budget``, ``set_target``,
-the model's metadata, ``settings``, ``metrics``), so ``server.http`` serves the
-same routes in one process or as one of ``--workers N``. Images are decoded here,
-on the worker's threads, and cross to the engine process as raw float32 arrays
-(``server.ipc.wire``). No torch is imported in a worker.
+:class:`EngineClient` implements :class:`server.engine.interface.Engine`, as the
+in-process :class:`server.engine.service.Service` does, so ``server.http`` serves
+the same routes in one process or as one of ``--workers N``. Images are decoded
+by the worker (``server.http.decoding``) and cross to the engine process as raw
+float32 arrays (``server.ipc.wire``). No torch is imported in a worker.
 """
 
 from __future__ import annotations
@@ -21,11 +20,9 @@ from model.transforms import InputContract
 
 from .. import errors
 from ..budget.keeper import BudgetView
-from ..budget.objective import ObjectiveView
-from ..engine.scheduler import Finished
-from ..images import decode
+from ..budget.objective import OPEN, ObjectiveView
+from ..engine.interface import BatchOutcome, BudgetReport, Finished, check_admission
 from ..metrics import Metrics
-from ..service import BatchOutcome, BudgetReport, check_admission
 from ..settings import Settings
 from . import wire
 from .board import AdmissionBoard, board_path
@@ -195,21 +192,16 @@ class EngineClient:
 
     # ---- the Service surface the HTTP layer uses -------------------------------------
     def admit(self, deadline_ms: float | None, started: float) -> None:
-        """As :meth:`server.service.Service.admit`, from the engine's admission board.
+        """As :meth:`server.engine.service.Service.admit`, from the engine's admission board.
 
         Raises:
+            errors.DeadlineExceeded: (504) its deadline passed or cannot be met at the forecast wait.
             errors.Saturated: (503, Retry-After) the latency objective refuses it.
-            errors.DeadlineExceeded: (504) its deadline cannot be met at the forecast wait.
         """
-        if self._board is not None:
-            check_admission(self._board.read(), deadline_ms, started, self.metrics)
-
-    def decode(self, data: bytes) -> np.ndarray:
-        """As :meth:`server.service.Service.decode` (runs here, in the worker)."""
-        return decode(data, self.transforms, self.settings.max_image_pixels, self.settings.jpeg_draft)
+        check_admission(self._board.read() if self._board is not None else OPEN, deadline_ms, started, self.metrics)
 
     async def classify(self, images: list[np.ndarray], deadline_ms: float | None, started: float) -> list[Finished]:
-        """As :meth:`server.service.Service.classify`, run by the engine process
+        """As :meth:`server.engine.service.Service.classify`, run by the engine process
         (``started`` is ``time.monotonic()``: one clock for all processes on a host)."""
         timeout_s, late = None, None
         if deadline_ms is not None:  # the engine answers well within it; a hung one must not hold the request
@@ -222,7 +214,7 @@ class EngineClient:
 
     async def batch(self, items: list[np.ndarray | errors.ServiceError], flops_budget: float | None,
                     started: float) -> BatchOutcome:
-        """As :meth:`server.service.Service.batch`, run by the engine process."""
+        """As :meth:`server.engine.service.Service.batch`, run by the engine process."""
         good = [x for x in items if not isinstance(x, errors.ServiceError)]
         bad = {str(i): wire.error_to_wire(x) for i, x in enumerate(items) if isinstance(x, errors.ServiceError)}
         reply, probs = await self._call({"op": "batch", "n": len(items), "errors": bad, "flops_budget": flops_budget,

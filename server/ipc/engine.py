@@ -1,5 +1,5 @@
 """The engine process: one per replica, it owns the model, the scheduler and the
-budget controller (a :class:`server.service.Service`), and answers the HTTP
+budget controller (a :class:`server.engine.service.Service`), and answers the HTTP
 worker processes over a Unix stream socket, one connection per worker
 (asyncio streams, ``server.ipc.wire`` messages).
 
@@ -18,8 +18,8 @@ import signal
 import threading
 
 from .. import errors
+from ..engine.service import Service
 from ..lifeline import follow_parent
-from ..service import Service
 from ..settings import Settings
 from . import wire
 from .board import AdmissionBoard, board_path

@@ -1,8 +1,9 @@
-"""The classification service: decode, submit to the engine, typed results.
+"""The engine core: the in-process :class:`server.engine.interface.Engine`.
 
-Between the HTTP layer (``server.http``), which only translates requests and
-answers, and the engine (``server.engine``), which schedules and executes block
-steps. The budget (``server.budget``) decides thresholds. FLOPs are
+It owns the runner (model threads, scheduler), the budget keeper and the
+latency objective, and answers the HTTP layer (``server.http``, in this
+process) or the engine process's socket (``server.ipc.engine``) with typed
+results. The budget (``server.budget``) decides thresholds. FLOPs are
 multiply-accumulates of convs and linears (MSDNet paper convention), cumulative
 per exit, with lazy evaluation.
 """
@@ -14,75 +15,25 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import errors
-from .budget.controller import BudgetController
-from .budget.keeper import BudgetKeeper, BudgetView
-from .budget.objective import OPEN, Admission, LatencyObjective, ObjectiveView
-from .budget.policies import BudgetPolicy, ThresholdPolicy
-from .engine.scheduler import Finished, Outcome, QueueFull, Task
-from .images import decode
-from .metrics import Metrics
-from .settings import Settings
+from .. import errors
+from ..budget.controller import BudgetController
+from ..budget.keeper import BudgetKeeper
+from ..budget.objective import OPEN, Admission, LatencyObjective
+from ..budget.policies import BudgetPolicy, ThresholdPolicy
+from ..metrics import Metrics
+from ..settings import Settings
+from .interface import BatchOutcome, BudgetReport, check_admission
+from .scheduler import Finished, Outcome, QueueFull, Task
 
 if TYPE_CHECKING:  # torch only where the model runs: HTTP worker processes import this module too
     from model.checkpoint import Checkpoint
 
 log = logging.getLogger("msdnet.service")
-
-
-@dataclass(frozen=True)
-class BatchOutcome:
-    """A budgeted batch's answers, in input order: a :class:`Finished` per served
-    image, the error of each refused one; FLOPs used and budgeted; images per exit."""
-
-    results: list[Finished | errors.ServiceError]
-    flops_used: int
-    flops_budget: float
-    exit_counts: dict[str, int]
-
-
-@dataclass(frozen=True)
-class BudgetReport:
-    """The controller's view, the mode (``local`` or ``fleet``), the fleet's
-    mean FLOPs per request as this replica sees it (None in local mode) and the
-    latency objective's view (None when no objective is set)."""
-
-    view: BudgetView
-    mode: str
-    fleet_realised_flops: float | None
-    objective: ObjectiveView | None = None
-
-
-def check_admission(admission: Admission, deadline_ms: float | None, started: float, metrics: Metrics) -> None:
-    """Refuse a request before decoding when the latency objective says so
-    (:meth:`server.budget.objective.Admission.admits`); ``deadline_ms`` counts
-    from ``started`` (the request's arrival, ``time.monotonic()``).
-
-    Raises:
-        errors.Saturated: (503, Retry-After) the forecast queueing delay breaks the
-            objective with every image already at exit 1.
-        errors.DeadlineExceeded: (504) the request's own deadline cannot be met at
-            the forecast queueing delay (counted as a deadline miss); nothing computed.
-    """
-    left_s = None if deadline_ms is None else deadline_ms / 1e3 - (time.monotonic() - started)
-    if admission.admits(left_s):
-        return
-    wait_ms = admission.wait_s * 1e3
-    if deadline_ms is not None:
-        metrics.deadline_requests.inc()
-        metrics.deadline_misses.inc()
-        raise errors.DeadlineExceeded(f"deadline of {deadline_ms:g} ms cannot be met: the forecast queueing delay "
-                                      f"is {wait_ms:.0f} ms; nothing was computed (not even decoding)",
-                                      deadline_ms=deadline_ms, forecast_wait_ms=round(wait_ms, 1))
-    raise errors.Saturated(f"the forecast queueing delay of {wait_ms:.0f} ms breaks the latency objective even with "
-                           "every image leaving at exit 1; retry later",
-                           headers={"Retry-After": str(math.ceil(admission.retry_after_s))},
-                           retry_after_s=admission.retry_after_s, forecast_wait_ms=round(wait_ms, 1))
 
 
 def _answer(f: Finished) -> Finished:
@@ -105,7 +56,7 @@ class Service:
     """
 
     def __init__(self, checkpoint: Checkpoint, settings: Settings, metrics: Metrics | None = None):
-        from .engine.runner import Runner
+        from .runner import Runner
 
         cal = checkpoint.calibration
         if cal is None:
@@ -151,6 +102,11 @@ class Service:
     def ready(self) -> bool:
         """Model loaded and warmed up."""
         return self.runner.ready
+
+    @property
+    def not_ready_reason(self) -> str:
+        """Why :attr:`ready` is False, for the 503's message."""
+        return "model is loading or warming up"
 
     # ---- lifecycle ------------------------------------------------------------
     def start(self) -> None:
@@ -264,14 +220,13 @@ class Service:
             return self.objective.admission(max(wait, self.objective.wait_s))
 
     def admit(self, deadline_ms: float | None, started: float) -> None:
-        """Refuse a request before its image is decoded when the objective says so.
+        """Refuse a request before its image is decoded (:func:`check_admission`).
 
         Raises:
-            errors.Saturated: (503, Retry-After); see :func:`check_admission`.
-            errors.DeadlineExceeded: (504) its deadline cannot be met at the forecast wait.
+            errors.DeadlineExceeded: (504) its deadline passed or cannot be met at the forecast wait.
+            errors.Saturated: (503, Retry-After) the latency objective refuses it.
         """
-        if self.objective is not None:
-            check_admission(self.admission(), deadline_ms, started, self.metrics)
+        check_admission(self.admission(), deadline_ms, started, self.metrics)
 
     def _on_classify_done(self, task: Task, outcome: Outcome) -> None:
         if outcome is Outcome.CANCELLED:
@@ -299,14 +254,6 @@ class Service:
         self.metrics.flops.labels(endpoint="/batch").inc(self.exit_flops[task.exits_done - 1])
 
     # ---- requests -------------------------------------------------------------------
-    def decode(self, data: bytes) -> np.ndarray:
-        """Encoded image bytes to the model's input, float32 (C, H, W) normalised.
-
-        Raises:
-            errors.ServiceError: bad (400), unsupported (415) or too large (413) image.
-        """
-        return decode(data, self.transforms, self.settings.max_image_pixels, self.settings.jpeg_draft)
-
     def _submit(self, images, policies, deadlines, started, on_done):
         ages = self._ages  # how old requests are when they reach the engine (the objective's loop)
         ages[0] += time.monotonic() - started

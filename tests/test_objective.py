@@ -15,7 +15,8 @@ import pytest
 from model.curve import OperatingPoint
 from server.budget.controller import BudgetController
 from server.budget.keeper import BudgetKeeper
-from server.budget.objective import OPEN, FrontDoor, LatencyObjective
+from server.budget.objective import OPEN, LatencyObjective
+from server.http.frontdoor import FrontDoor
 
 EXITS = [1000.0, 2500.0, 4000.0]
 TARGET = 2000.0

@@ -25,10 +25,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors
-from ..budget.objective import FrontDoor
 from ..metrics import Metrics
 from ..settings import Settings
 from . import decoding, listener
+from .frontdoor import FrontDoor
 from .middleware import RequestContext, watch_loop_lag
 from .protocol import TimedHTTPProtocol
 from .responses import count_rejection, error_response

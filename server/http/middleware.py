@@ -27,7 +27,7 @@ def is_inference(path: str) -> bool:
 
 
 async def watch_loop_lag(door, interval_s: float = LAG_INTERVAL_S) -> None:
-    """Feed ``door`` (a :class:`server.budget.objective.FrontDoor`) how late a timer of
+    """Feed ``door`` (a :class:`server.http.frontdoor.FrontDoor`) how late a timer of
     ``interval_s`` seconds fires on this event loop, forever (cancel to stop)."""
     loop = asyncio.get_running_loop()
     while True:

@@ -7,6 +7,7 @@ fails here whatever path the code takes at run time.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,57 @@ def test_no_file_is_over_400_lines_without_a_reason():
         if len(lines) > 400 and not any(line.startswith("# long file:") for line in lines[:40]):
             long.append((str(p.relative_to(ROOT)), len(lines)))
     assert not long, long
+
+
+def allowed_imports() -> dict[str, tuple[str, ...]]:
+    """docs/ARCHITECTURE.md's rooms table: room -> the project modules its "may import" cell lists."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    table = text[text.index("| room | holds | may import |"):].split("\n\n")[0].splitlines()[2:]
+    rules = {}
+    for row in table:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        rooms = re.findall(r"`([\w.]+)`", cells[0])
+        allowed = tuple(re.findall(r"`([\w.]+)`", cells[2]))
+        rules |= {room: allowed for room in rooms}
+    return rules
+
+
+def room_of(module: str, rules: dict) -> str | None:
+    """The longest room in ``rules`` that ``module`` is, or is inside."""
+    found = [r for r in rules if module == r or module.startswith(r + ".")]
+    return max(found, key=len) if found else None
+
+
+def project_imports(path: Path) -> list[str]:
+    """This project's modules ``path`` imports (``from server import errors`` is ``server.errors``)."""
+    out = []
+    for mod, names in imports_of(path):
+        if mod in ("server", "model"):
+            out += [f"{mod}.{n}" for n in names]
+        elif mod.split(".")[0] in ("server", "model"):
+            out.append(mod)
+    return out
+
+
+def test_every_project_import_is_one_the_architecture_doc_allows():
+    rules = allowed_imports()
+    assert {"model", "server.engine", "server.budget", "server.http", "server.ipc", "server.cli"} <= set(rules)
+    bad, unplaced = [], []
+    for path in sources("model", "server"):
+        room = room_of(module_name(path), rules)
+        if room is None:
+            unplaced.append(module_name(path))
+            continue
+        for target in project_imports(path):
+            if room_of(target, {room: ()}) == room:
+                continue  # inside its own room
+            if not any(target == a or target.startswith(a + ".") for a in rules[room]):
+                bad.append((module_name(path), target))
+    assert not unplaced, f"modules in no room of docs/ARCHITECTURE.md: {unplaced}"
+    assert not bad, f"imports docs/ARCHITECTURE.md does not allow: {bad}"
+
+
+def test_the_http_room_reaches_the_engine_core_and_client_only_where_it_picks_one():
+    picks = [(module_name(p), t) for p in sources("server.http") for t in project_imports(p)
+             if t.startswith(("server.engine.service", "server.ipc.client")) and p.name != "app.py"]
+    assert not picks, picks

@@ -84,3 +84,18 @@ def test_a_capped_budget_buys_the_next_block_for_the_least_confident_images():
     block, batch, finished = s.next_step(0.0)  # nothing left to pay block 3 (20 each)
     assert (block, batch, finished) == (2, [], [(d, Outcome.BUDGET), (b, Outcome.BUDGET)])
     assert [t.exits_done for t in tasks] == [1, 2, 1, 2] and s.in_flight == 0 and s.next_step(0.0) is None
+
+
+def test_a_cancelled_image_leaves_before_its_next_block_whether_queued_or_running():
+    s = BlockScheduler(3, 4, 0.0, 10)
+    keep = ThresholdPolicy(lambda: (1.1, 1.1, 0.0))  # nobody leaves early: every image would run 3 blocks
+    a, b, c = (Task(0.0, keep) for _ in range(3))
+    s.submit([a, b, c])
+    block, batch, _ = s.next_step(0.0)
+    assert block == 0 and batch == [a, b, c]
+    b.cancelled = True  # its client left while block 1 ran
+    done = s.complete(0, batch, [0.5, 0.5, 0.5], 0.01)
+    assert done == [(b, Outcome.CANCELLED)] and s.depth(1) == 2 and s.in_flight == 2
+    c.cancelled = True  # its client left while it waited at block 2
+    block, batch, left = s.next_step(0.0)
+    assert block == 1 and batch == [a] and left == [(c, Outcome.CANCELLED)] and s.in_flight == 1

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .. import errors
 from ..budget.keeper import BudgetView
-from ..budget.objective import Admission, ObjectiveView
+from ..budget.objective import OPEN, Admission, ObjectiveView
 from .scheduler import Finished, Outcome
 
 if TYPE_CHECKING:
@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
     from ..metrics import Metrics
 
-__all__ = ["BatchOutcome", "BudgetReport", "Engine", "Finished", "Outcome", "check_admission"]
+# The plain types an implementation or a caller needs, from one place.
+__all__ = ["OPEN", "Admission", "BatchOutcome", "BudgetReport", "BudgetView", "Engine", "Finished", "ObjectiveView",
+           "Outcome", "check_admission"]
 
 
 @dataclass(frozen=True)

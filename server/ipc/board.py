@@ -16,7 +16,7 @@ import os
 import struct
 from pathlib import Path
 
-from ..budget.objective import OPEN, Admission
+from ..engine.interface import OPEN, Admission
 
 _LAYOUT = struct.Struct("<ddd")  # wait_s, refuse_above_s, retry_after_s
 

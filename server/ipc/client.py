@@ -19,9 +19,7 @@ import numpy as np
 from model.transforms import InputContract
 
 from .. import errors
-from ..budget.keeper import BudgetView
-from ..budget.objective import OPEN, ObjectiveView
-from ..engine.interface import BatchOutcome, BudgetReport, Finished, check_admission
+from ..engine.interface import OPEN, BatchOutcome, BudgetReport, BudgetView, Finished, ObjectiveView, check_admission
 from ..metrics import Metrics
 from ..settings import Settings
 from . import wire

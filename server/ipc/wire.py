@@ -26,7 +26,7 @@ import msgpack
 import numpy as np
 
 from .. import errors
-from ..engine.scheduler import Finished, Outcome
+from ..engine.interface import Finished, Outcome
 
 OPS = ("hello", "classify", "batch", "budget", "set_target", "cancel")
 PREFIX = struct.Struct("<II")  # header bytes, array bytes

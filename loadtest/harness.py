@@ -65,7 +65,8 @@ class ServerProcess:
 
     ``cmd`` gets ``listen_args(P)`` appended (default ``--host 127.0.0.1 --port P``;
     ``P`` from :func:`free_port`). ``env`` is added to this process's environment;
-    ``self.env`` and ``self.cmd`` may be changed before the start; ``cwd``: the
+    ``self.env``, ``self.cmd`` and ``self.new_session`` (start it as the leader of
+    a session and process group of its own) may be changed before the start; ``cwd``: the
     process's working folder (default: this one's). The start waits until ``ready_path`` answers 200
     (polled every 0.2 s) and raises ``RuntimeError`` with the end of the server's
     log when the process exits first or is not ready within ``ready_timeout_s``
@@ -81,6 +82,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [*cmd, *listen_args(self.port)]
         self.cwd = cwd
+        self.new_session = False
         self.env = {**os.environ, **(env or {})}
         self.ready_path, self.ready_timeout_s, self.stop_timeout_s = ready_path, ready_timeout_s, stop_timeout_s
         self.name = name
@@ -119,7 +121,7 @@ class ServerProcess:
         self.logfile = tempfile.NamedTemporaryFile("w+", prefix=f"msdnet-{self.name}-", suffix=".log", delete=False)
         try:
             self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.logfile, stderr=subprocess.STDOUT,
-                                         cwd=self.cwd)
+                                         cwd=self.cwd, start_new_session=self.new_session)
             self._wait_ready()
         except BaseException:  # also KeyboardInterrupt: never leave the process behind
             self.close()

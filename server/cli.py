@@ -51,6 +51,41 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _supervisor_class():
+    """uvicorn's supervisor of the HTTP workers, letting go of its listening socket at the stop.
+
+    The workers share the socket that the supervisor bound. uvicorn's supervisor kept
+    its own descriptor until the process exited, after the workers' drain and the
+    engine's stop: meanwhile the kernel went on completing new connections that no
+    worker would accept, and reset them all at the end (a client waited the whole drain
+    for nothing). Closed when the stop begins, the socket lives on in the workers until
+    each has taken in its accept queue (``server.http.drain``); after that a new
+    connection is refused at once.
+    """
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def terminate_all(self) -> None:  # the stop: SIGTERM to each worker
+            for sock in self.sockets:
+                sock.close()
+            super().terminate_all()
+
+    return Supervisor
+
+
+def _engine_main(settings, address: str, ready) -> None:
+    """The engine process, in a process group of its own: a signal to the server's group
+    (Ctrl-C in a terminal, ``kill -- -PGID``) reached it together with the workers, and it
+    stopped taking their requests while they still drained (they answered 503, and the
+    exit status was 1); now it comes from the CLI, once the workers are gone."""
+    import os
+
+    from .ipc import engine
+
+    os.setpgid(0, 0)
+    engine.run(settings, address, ready)
+
+
 def _serve_split(settings, overrides: dict, log_config: dict) -> int:
     """``--workers N``: one engine process (model, scheduler, controller) and N
     uvicorn worker processes (HTTP, decoding) that reach it over a Unix socket.
@@ -60,6 +95,10 @@ def _serve_split(settings, overrides: dict, log_config: dict) -> int:
     every CLI flag is passed on as its ``MSDNET_*`` variable. Metrics go through
     a fresh prometheus-client multiprocess directory (a stale one is emptied). If
     the engine dies, the workers are stopped and the exit status is 1.
+
+    SIGTERM (or SIGINT) stops the workers first (each answers every request it has
+    read: ``server.http.drain``), then the engine, so the engine is there for every
+    request a worker still answers.
     """
     import logging
     import multiprocessing
@@ -71,8 +110,8 @@ def _serve_split(settings, overrides: dict, log_config: dict) -> int:
 
     import uvicorn
 
+    from .http.drain import MODEL_STOP_S
     from .http.protocol import TimedHTTPProtocol
-    from .ipc import engine
 
     log = logging.getLogger("msdnet.cli")
     run_dir = Path(tempfile.mkdtemp(prefix="msdnet-"))
@@ -86,7 +125,7 @@ def _serve_split(settings, overrides: dict, log_config: dict) -> int:
 
     spawn = multiprocessing.get_context("spawn")
     ready = spawn.Event()
-    proc = spawn.Process(target=engine.run, args=(settings, address, ready), name="msdnet-engine")
+    proc = spawn.Process(target=_engine_main, args=(settings, address, ready), name="msdnet-engine")
     proc.start()
     while not ready.wait(0.2):
         if not proc.is_alive():
@@ -107,15 +146,18 @@ def _serve_split(settings, overrides: dict, log_config: dict) -> int:
             os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="engine-watch", daemon=True).start()
+    config = uvicorn.Config("server.http.app:create_app", factory=True, workers=settings.workers,
+                            host=settings.host, port=settings.port, log_config=log_config,
+                            timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False,
+                            http=TimedHTTPProtocol)
     try:
-        uvicorn.run("server.http.app:create_app", factory=True, workers=settings.workers, host=settings.host,
-                    port=settings.port, log_config=log_config, timeout_graceful_shutdown=settings.drain_timeout_s,
-                    access_log=False, http=TimedHTTPProtocol)
+        _supervisor_class()(config, sockets=[config.bind_socket()]).run()
     finally:
         stopping.set()
         if proc.is_alive():
+            # Only now, with every worker gone: nothing the engine still holds has anyone waiting for it.
             proc.terminate()  # SIGTERM: the engine answers what it holds, then stops
-            proc.join(settings.drain_timeout_s + 5)
+            proc.join(MODEL_STOP_S)
             if proc.is_alive():
                 proc.kill()
         shutil.rmtree(run_dir, ignore_errors=True)

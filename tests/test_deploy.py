@@ -37,6 +37,8 @@ from deploy_helpers import (
     tool,
 )
 
+from server.http.drain import STOP_BEYOND_DRAIN_S
+
 K8S = DEPLOY / "k8s"
 PROM = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"
@@ -253,7 +255,7 @@ def test_compose_services(compose):
     assert not {"MSDNET_TORCH_THREADS", "MSDNET_MODEL_THREADS", "MSDNET_WORKERS"} & set(env)  # sized from cpus
     assert float(server["cpus"]) == int(server["cpus"]), "whole cores"
     grace = int(re.fullmatch(r"(\d+)s", server["stop_grace_period"]).group(1))
-    assert grace > float(env["MSDNET_DRAIN_TIMEOUT_S"]), "SIGKILL would cut the drain short"
+    assert grace > float(env["MSDNET_DRAIN_TIMEOUT_S"]) + STOP_BEYOND_DRAIN_S, "SIGKILL would cut the stop short"
     assert s["redis"]["image"] == "redis:7-alpine"
     assert s["prometheus"]["image"].startswith("prom/prometheus") and "9090:9090" in s["prometheus"]["ports"]
     assert s["grafana"]["image"].startswith("grafana/grafana") and "3000:3000" in s["grafana"]["ports"]
@@ -609,7 +611,7 @@ def test_shutdown_fits_the_grace_period():
     drain_s = float(k8s_doc("configmap.yaml", "ConfigMap")["data"]["MSDNET_DRAIN_TIMEOUT_S"])
     pre_stop = server_container()["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + drain_s
+    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + drain_s + STOP_BEYOND_DRAIN_S
 
 
 def test_pods_run_as_non_root():
@@ -692,7 +694,8 @@ def test_inferenceservice_is_a_custom_v2_predictor(isvc, docker_stages):
     limit = cpu_cores(str(c["resources"]["limits"]["cpu"]))
     assert limit == int(limit), "whole cores"
     pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
-    assert pred["terminationGracePeriodSeconds"] > float(pre_stop[1]) + float(env["MSDNET_DRAIN_TIMEOUT_S"])
+    assert pred["terminationGracePeriodSeconds"] > (float(pre_stop[1]) + float(env["MSDNET_DRAIN_TIMEOUT_S"])
+                                                    + STOP_BEYOND_DRAIN_S)
     user = [a for i, a in docker_stages[-1] if i == "USER"][-1].split(":")[0]
     assert pred["securityContext"]["runAsNonRoot"] is True and pred["securityContext"]["runAsUser"] == int(user)
     assert c["securityContext"]["readOnlyRootFilesystem"] is True

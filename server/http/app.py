@@ -28,6 +28,7 @@ from .. import errors
 from ..metrics import Metrics
 from ..settings import Settings
 from . import decoding, listener
+from .drain import MODEL_STOP_S, Drain
 from .frontdoor import FrontDoor
 from .middleware import RequestContext, watch_loop_lag
 from .protocol import TimedHTTPProtocol
@@ -92,7 +93,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI application. The lifespan loads the checkpoint, starts the
-    model thread (``/readyz`` turns 200 after its warm-up) and stops it on exit;
+    model thread (``/readyz`` turns 200 after its warm-up; 503 again from SIGTERM
+    on, ``server.http.drain``) and stops it on exit;
     or, with ``settings.engine_address`` (a worker of ``msdnet serve --workers N``),
     connects to the replica's engine process instead (``server.ipc``).
 
@@ -124,7 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             listener.claim()  # one process per replica, however the app was started
             service = Service(load_checkpoint(settings.checkpoint, calibrated=True), settings)
             service.start()
-            stop = functools.partial(asyncio.to_thread, service.stop, settings.drain_timeout_s)
+            stop = functools.partial(asyncio.to_thread, service.stop, MODEL_STOP_S)
         TimedHTTPProtocol.on_reject = functools.partial(_count_slow_client, service.metrics)
         watcher = None
         if settings.latency_slo_ms:  # this process's own front door (HTTP-bound load: server.budget.objective)
@@ -140,6 +142,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await run_in_threadpool(decoding.prestart)  # the large-image process, before the first large image
         gc.collect()  # what start-up loaded lives for good: keep full GC passes short (the engine does the same)
         gc.freeze()
+        app.state.drain = drain = Drain(settings.drain_timeout_s)
+        drain.watch_signals()  # at SIGTERM: not ready, the accept queue taken in, then uvicorn's drain
         log.info("serving %s: %d exits (%s)", settings.checkpoint, service.num_exits,
                  f"engine at {settings.engine_address}" if settings.engine_address else "model in this process")
         try:
@@ -147,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if watcher is not None:
                 watcher.cancel()
+            await drain.answered()  # the drain time's 503s go out before the service stops
             await stop()
             decoding.shutdown()
 

@@ -1,4 +1,5 @@
-"""Refuse to run as one of several worker processes of one server.
+"""This process's listening socket: refuse to run as one of several worker
+processes of one server (:func:`claim`), and see its accept queue (:func:`queued`).
 
 A process that loads the model owns the model thread, the scheduler, the budget
 controller and the metrics registry. ``msdnet serve --workers N`` runs N HTTP
@@ -18,8 +19,11 @@ import fcntl
 import os
 import socket
 import stat
+import struct
 import tempfile
 from pathlib import Path
+
+_TCP_LISTEN = 10  # tcp_info.tcpi_state of a listening socket
 
 _held: list = []  # lock files kept open for the life of the process
 
@@ -77,3 +81,26 @@ def claim() -> None:
                 "has one model thread, one budget controller and one set of metrics; for several HTTP worker "
                 "processes use 'msdnet serve --workers N' (one engine process shared by N workers)") from None
         _held.append(f)
+
+
+def listening() -> list[int]:
+    """The descriptors of this process's listening sockets (one per socket)."""
+    return list(_server_sockets().values())
+
+
+def queued(fds: list[int] | None = None) -> int:
+    """Connections the kernel has completed on this process's listening sockets
+    (``fds``, default :func:`listening`) that no process has accepted yet: the accept
+    queue (Linux ``TCP_INFO``: a listening socket reports its queue length as
+    ``tcpi_unacked``); 0 where that is unknown. Closing the last descriptor of a
+    listening socket resets those connections."""
+    total = 0
+    for fd in listening() if fds is None else fds:
+        try:
+            with socket.socket(fileno=os.dup(fd)) as s:
+                info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+        except (OSError, AttributeError):  # closed meanwhile, or no TCP_INFO on this system
+            continue
+        if info[0] == _TCP_LISTEN:
+            total += struct.unpack_from("I", info, 24)[0]
+    return total

@@ -21,6 +21,11 @@ ROUTE_LABELS = {"/classify", "/batch", "/budget", "/healthz", "/readyz", "/metri
 LAG_INTERVAL_S = 0.01
 
 
+def is_readiness(path: str) -> bool:
+    """The readiness routes: ``/readyz`` and the v2 ``.../ready`` ones."""
+    return path == "/readyz" or (path.startswith("/v2/") and path.endswith("/ready"))
+
+
 def is_inference(path: str) -> bool:
     """The paths that run the model: what a front door may refuse."""
     return path in ("/classify", "/batch") or (path.startswith("/v2/models/") and path.endswith("/infer"))
@@ -46,6 +51,9 @@ class RequestContext:
       ``Content-Length`` says so, or as soon as the streamed bytes pass the limit;
       a body not complete within ``receive_timeout_s`` of the headers gets 408.
       Both close the connection (the rest is not read).
+    - While the process stops (``server.http.drain``): the readiness routes answer
+      503; a request still running when the drain time is up gets a 503 (JSON, the
+      drain time named) rather than uvicorn's cancel.
     - Every response, whatever produced it (route, error handler, this middleware,
       Starlette's 404/405, an unhandled exception's 500), is counted in
       ``msdnet_requests_total{endpoint,status}``; unknown paths as ``other``.
@@ -75,10 +83,13 @@ class RequestContext:
                 handler.cancel()
 
         state["on_client_gone"] = client_gone
+        drain = _drain_of(scope)
+        if drain is not None:
+            drain.requests.add(handler)
 
         async def send_wrapped(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
                 message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
             await send(message)
 
@@ -87,6 +98,8 @@ class RequestContext:
             if length.isdigit() and int(length) > self.limit:
                 raise errors.TooLarge(f"request body is over the limit of {self.limit} bytes",
                                       max_body_bytes=self.limit, headers={"Connection": "close"})
+            if drain is not None and drain.stopping and is_readiness(path):
+                raise errors.NotReady("the server is stopping")
             door = _front_door_of(scope)
             if door is not None and is_inference(path) and not door.admits(random.random()):
                 raise errors.Saturated(
@@ -97,11 +110,17 @@ class RequestContext:
         except errors.ServiceError as exc:  # raised here, outside the routes' handlers
             await _send_error(send_wrapped, exc, path, _metrics_of(scope))
         except asyncio.CancelledError:
-            if not status.get("gone"):
+            if status.get("gone"):
+                handler.uncancel()  # our own cancel: the client left; nothing to answer
+                status["code"] = 499  # nginx's "client closed request", for the metrics and the access log
+            elif drain is not None and drain.stopping and not status.get("started"):
+                handler.uncancel()  # uvicorn's, at the end of the drain time: answer rather than drop
+                await _send_error(send_wrapped, drain.timed_out(), path, _metrics_of(scope))
+            else:
                 raise
-            handler.uncancel()  # our own cancel: the client left; nothing to answer
-            status["code"] = 499  # nginx's "client closed request", for the metrics and the access log
         finally:
+            if drain is not None:
+                drain.requests.discard(handler)
             elapsed = time.monotonic() - started
             metrics = _metrics_of(scope)
             endpoint = path if path in ROUTE_LABELS else ("/v2" if path.startswith("/v2") else "other")
@@ -138,6 +157,11 @@ class RequestContext:
             return message
 
         return receive_limited
+
+
+def _drain_of(scope):
+    app = scope.get("app")
+    return getattr(app.state, "drain", None) if app is not None else None
 
 
 def _front_door_of(scope):

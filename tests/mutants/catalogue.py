@@ -34,6 +34,8 @@ ARRIVAL = (B + "test_the_deadline_counts_from_the_requests_arrival",)
 V2 = ("tests/test_v2.py::test_encoded_images_match_classify",)
 R = "tests/test_robustness.py::"
 G = "tests/test_mutant_guards.py::"
+DP = "tests/test_drain_protocol.py::"
+SL = "tests/test_stop_under_load.py::"
 
 MUTANTS = [
     # ---- scheduler ------------------------------------------------------------
@@ -359,4 +361,30 @@ MUTANTS = [
            "from .controller import BudgetController, FleetView",
            "from ..engine import scheduler  # noqa: F401\nfrom .controller import BudgetController, FleetView",
            ("tests/test_layout.py",), "an import the architecture doc does not allow"),
+    # ---- issue 25, goal 6: nothing lost when a process stops ----------------------------------------------------
+    Mutant("stop-ignores-unread", "server/http/protocol.py",
+           "if self._in_request or unread_bytes(self.transport) > 0:", "if self._in_request:",
+           (DP + "test_a_request_unread_on_an_idle_keep_alive_connection_at_the_stop_is_answered",),
+           "at the stop an idle keep-alive connection is closed with a request unread in its socket buffer"),
+    Mutant("stop-close-resets", "server/http/protocol.py", "if not t.can_write_eof():  # TLS: no half-close",
+           "if True:", (DP + "test_the_last_answer_is_not_overtaken_by_a_reset",),
+           "the server closes with the client's last bytes unread: a reset that can overtake the last answer"),
+    Mutant("stop-no-accept-wait", "server/http/drain.py", "while listener.queued(fds) and loop.time() < deadline:",
+           "while False:", (DP + "test_uvicorn_is_told_to_stop_only_once_the_accept_queue_is_empty",),
+           "the listener closes with connections in its accept queue (reset, requests and all)"),
+    Mutant("stop-stays-ready", "server/http/middleware.py",
+           "if drain is not None and drain.stopping and is_readiness(path):", "if False:",
+           (SL + "test_sigterm_answers_every_request_read_on_keep_alive_connections",),
+           "/readyz answers 200 while the server drains"),
+    Mutant("stop-drain-time-500", "server/http/middleware.py",
+           "elif drain is not None and drain.stopping and not status.get(\"started\"):", "elif False:",
+           (SL + "test_a_request_still_running_when_the_drain_time_is_up_gets_a_json_503",),
+           "a request cut off by the drain time gets uvicorn's plain-text 500 (one process) or nothing (a worker)"),
+    Mutant("stop-supervisor-keeps-socket", "server/cli.py",
+           "            for sock in self.sockets:\n                sock.close()\n", "",
+           (SL + "test_sigterm_answers_every_request_read_on_keep_alive_connections[2]",),
+           "with --workers N the listening socket lives until the end: new connections wait, then are reset"),
+    Mutant("stop-engine-in-server-group", "server/cli.py", "    os.setpgid(0, 0)\n", "",
+           (SL + "test_a_signal_to_the_whole_process_group_still_stops_the_engine_after_the_workers",),
+           "Ctrl-C or kill -- -PGID stops the engine with the workers: what they still send it gets 503"),
 ]

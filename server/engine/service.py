@@ -113,7 +113,7 @@ class Service:
         """Start the model thread (it warms up first) and, with Redis, fleet mode."""
         self.runner.start(self.settings.warmup_rounds)
         if self.settings.redis_url:
-            from .budget.fleet import Fleet
+            from ..budget.fleet import Fleet
 
             self.fleet = Fleet(self.settings.redis_url, self.keeper, self.settings,
                                on_mode=lambda on: self.metrics.fleet_mode.set(1 if on else 0))

@@ -183,18 +183,22 @@ MARKER = "<!-- real sizes: rendered by python3 -m loadtest.realreport --docs DIR
 
 def docs_part(folder) -> str:
     """The real-size part of ``folder/BENCHMARKS.md``: a heading, then :func:`section` of every
-    ``folder/realbench-*.json`` (by name); "" when there is none."""
+    ``folder/realbench-*.json`` (by name), then the overload part
+    (:func:`loadtest.overloadreport.docs_part`, from ``folder/overload-*.json``); "" when there is none."""
     import json
     from pathlib import Path
 
+    from .overloadreport import docs_part as overload_part
+
     files = sorted(Path(folder).glob("realbench-*.json"))
     if not files:
-        return ""
+        return overload_part(folder) and "\n".join(["", MARKER, ""]) + overload_part(folder)
     head = ["", MARKER, "", "# Real sizes (issue 22)", "",
             "The paper's networks at their real sizes, made from the official arguments with random weights "
             "(speed-only: `loadtest/realsize.py`), one `make bench-real` run per size; what the figures mean and "
             "where the CPU goes: `docs/REALSIZES.md`.", ""]
-    return "\n".join(head) + "\n" + "\n".join(section(json.loads(f.read_text())) for f in files)
+    return ("\n".join(head) + "\n" + "\n".join(section(json.loads(f.read_text())) for f in files)
+            + overload_part(folder))
 
 
 def merge_into(benchmarks, folder) -> None:

@@ -39,3 +39,30 @@ def test_settling_and_return_to_the_configured_target():
     assert s["min"] == 550 and s["max"] == 560 and s["swing"] == pytest.approx(560 / 550 - 1)
     assert back_to_target(polls, 1.0, 1000.0) == pytest.approx(0.5)
     assert back_to_target(polls[:6], 1.0, 1000.0) is None
+
+
+def fake_result(back=(1.0, 2.0), swing_max=560.0, refused_up_to_c1=0.0):
+    score_ = {"sent": 100, "within_share": 0.995, "refused_share": refused_up_to_c1, "other_failures": 0,
+              "refusal_p99_ms": None, "answered_p99_ms": 80.0, "effective_accuracy": None, "mean_exit": 1.2,
+              "mean_flops": 5.5e6}
+    past = {**score_, "rate": 300.0, "within_share": 0.7, "refused_share": 0.3, "refusal_p99_ms": 4.0}
+    return {"network": "fashion", "objective_ms": 100.0, "capacity_rps": 100.0, "capacity_exit1_rps": 250.0,
+            "target_flops": 5.75e6, "exit_flops": [4.8e6, 8e6], "images": "test", "started": "now",
+            "loadavg_at_end": [0.5, 0.5, 0.5],
+            "sweep": [{**score_, "rate": 50.0}, {**score_, "rate": 200.0}, past],
+            "step": {"phases": [[30, 50], [30, 150], [30, 300], [30, 50]], "phase_scores": [score_] * 4,
+                     "steady_1p5x": {"min": 550.0, "max": swing_max, "swing": swing_max / 550.0 - 1}},
+            "burst": {"score": score_, "back_after_s": list(back)},
+            "effective": {"msdnet-serve (objective) @ 3.0x": {**score_, "effective_accuracy": 0.6},
+                          "LitServe @ 3.0x": {**score_, "effective_accuracy": 0.2}}}
+
+
+def test_the_report_judges_each_goal_from_the_figures():
+    from loadtest.overloadreport import goals, section
+
+    rows = {r[0][:40]: r[2] for r in goals(fake_result())}
+    assert set(rows.values()) == {"met"}, rows
+    bad = {r[0][:40]: r[2] for r in goals(fake_result(back=(1.0, None), swing_max=700.0, refused_up_to_c1=0.01))}
+    assert list(bad.values()).count("**not met**") == 3, bad
+    md = section(fake_result())
+    assert "C = 100.0 req/s" in md and "C1 = 250.0 req/s" in md and "![overload fashion](overload-fashion.png)" in md

@@ -35,7 +35,8 @@ and steers the *span*, where the target in force is
    way, but only outside a dead band of +/- ``band`` around ``busy_goal``
    (hysteresis: a steady load settles instead of swinging). An idle or
    HTTP-bound engine (busy low) so returns to the configured target within a
-   few seconds (a factor 2, ImageNet MSDNet-5's exit 1 to a 40% target, in 1.7 s).
+   few seconds (a factor 2, ImageNet MSDNet-5's exit 1 to a 40% target, in 3.1 s),
+   and not within ``hold_s`` of the last cut.
 3. **Refuse** only at the first exit: while the span is 0 and the forecast wait
    of a new arrival exceeds ``refuse_share`` of the objective, new requests are
    refused; a request with its own deadline is refused when the forecast wait
@@ -121,14 +122,16 @@ class LatencyObjective:
             steering utilisation.
         min_cut: span lowered by at least this much per interval while cutting.
         busy_halflife_s: half-life of the busy share's smoothing (seconds).
+        hold_s: after a cut, the target in force is not raised for this long (seconds):
+            a queue just drained is no sign that the load fell.
 
     Raises:
         ValueError: a non-positive objective, or shares out of order.
     """
 
-    def __init__(self, objective_s: float, exit_flops: list[float], target: float, *, wait_share: float = 0.4,
-                 refuse_share: float = 0.6, busy_goal: float = 0.85, band: float = 0.07, rate_per_s: float = 1.5,
-                 min_cut: float = 0.02, busy_halflife_s: float = 0.3):
+    def __init__(self, objective_s: float, exit_flops: list[float], target: float, *, wait_share: float = 0.35,
+                 refuse_share: float = 0.45, busy_goal: float = 0.85, band: float = 0.07, rate_per_s: float = 1.25,
+                 min_cut: float = 0.02, busy_halflife_s: float = 0.3, hold_s: float = 0.5):
         if not (math.isfinite(objective_s) and objective_s > 0):
             raise ValueError(f"latency objective must be positive seconds, got {objective_s}")
         if not 0 < wait_share <= refuse_share <= 1:
@@ -145,6 +148,8 @@ class LatencyObjective:
         self.refusing = False
         self.reason = "the queue is within the objective"
         self.degraded_s = 0.0  # time spent with the target in force below the configured one (seconds)
+        self.hold_s = hold_s
+        self._last_cut = -math.inf
         self._last: float | None = None
         self._busy_acc = 0.0
         self.set_target(target)
@@ -192,17 +197,22 @@ class LatencyObjective:
         sample = min(1.0, self._busy_acc / (dt * max(threads, 1)))
         keep = 0.5 ** (dt / self.busy_halflife_s)
         self.busy = keep * self.busy + (1 - keep) * sample
-        self._last, self._busy_acc, self.wait_s = now, 0.0, wait_s
+        # The wait is noisy (steps, large images): smoothed over about two intervals, but a rise
+        # counts at once at half weight, so a burst is cut within an interval or two.
+        self.wait_s = max(0.5 * (self.wait_s + wait_s), 0.6 * self.wait_s + 0.4 * wait_s)
+        wait_s = self.wait_s
+        self._last, self._busy_acc = now, 0.0
         before = self.in_force
         limit = self.wait_share * self.objective_s
         if wait_s > limit:
             self.span = max(0.0, self.span * max(0.5, limit / wait_s) - self.min_cut)
+            self._last_cut = now
             self.reason = (f"forecast queueing delay {wait_s * 1e3:.0f} ms > {limit * 1e3:.0f} ms "
                            f"({self.wait_share:.0%} of the {self.objective_s * 1e3:g} ms objective)")
         elif self.busy > self.busy_goal + self.band and self.span > 0:
             self._scale(max(self.rate_per_s ** -dt, self.busy_goal / self.busy))
             self.reason = f"model threads busy {self.busy:.0%} > {self.busy_goal + self.band:.0%}"
-        elif self.busy < self.busy_goal - self.band and self.span < 1.0:
+        elif self.busy < self.busy_goal - self.band and self.span < 1.0 and now - self._last_cut >= self.hold_s:
             self._scale(min(self.rate_per_s ** dt, self.busy_goal / max(self.busy, 1e-3)))
             self.reason = (f"model threads busy {self.busy:.0%} < {self.busy_goal - self.band:.0%}: "
                            "raising the target in force")

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -112,3 +113,18 @@ def test_the_front_door_refuses_inference_when_this_process_is_behind(client):
         assert client.post("/classify", content=png(), headers={"content-type": "image/png"}).status_code == 200
     finally:
         door.fall = fall
+
+
+def test_a_refusal_ends_when_the_queue_is_gone_even_with_no_request_let_in(client):
+    """Every request refused: no block step runs, yet the loop steps on (its ticker),
+    sees the empty queue and lets requests in again."""
+    svc = client.app.state.engine
+    with svc._objective_lock:  # the state a long overload leaves: every image at exit 1, a deep queue seen
+        svc.objective.span, svc.objective.wait_s, svc.objective.refusing = 0.0, 9.0, True
+    assert client.post("/classify", content=png(), headers={"content-type": "image/png"}).status_code == 503
+    deadline = time.monotonic() + 60
+    while client.get("/budget").json()["objective"]["wait_ms"] > 4000:  # refused above 4.5 s (45% of 10 s)
+        assert time.monotonic() < deadline, "the refusal never ended"
+        time.sleep(0.05)
+    r = client.post("/classify", content=png(), headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text

@@ -86,7 +86,8 @@ class Service:
         self._model_threads = model_threads
         self.objective = (LatencyObjective(settings.latency_slo_ms / 1e3, self.exit_flops, self.keeper.target)
                           if settings.latency_slo_ms else None)
-        self._objective_lock = threading.Lock()  # model threads and the event loop both steer it
+        self._objective_lock = threading.Lock()  # model threads, the ticker and the event loop use it
+        self._ticking = threading.Event()
         self._degraded_s = 0.0  # already exported to msdnet_degraded_seconds_total
         self._ages = [0.0, 0]  # requests' age when they reached the engine since the last control step: sum (s), n
         self.on_admission = None  # engine process: publishes each new Admission to the HTTP workers
@@ -110,8 +111,14 @@ class Service:
 
     # ---- lifecycle ------------------------------------------------------------
     def start(self) -> None:
-        """Start the model thread (it warms up first) and, with Redis, fleet mode."""
+        """Start the model thread (it warms up first), the latency objective's ticker and,
+        with Redis, fleet mode."""
         self.runner.start(self.settings.warmup_rounds)
+        if self.objective is not None:
+            # The loop also steps after every block step; the ticker keeps it going when no step
+            # runs (every request refused, or none arriving), so a refusal can end.
+            self._ticking = threading.Event()
+            threading.Thread(target=self._tick, name="msdnet-objective", daemon=True).start()
         if self.settings.redis_url:
             from ..budget.fleet import Fleet
 
@@ -120,7 +127,9 @@ class Service:
             self.fleet.start()
 
     def stop(self, timeout_s: float) -> None:
-        """Stop fleet mode and the model thread after its current step (blocking)."""
+        """Stop the ticker, fleet mode and the model thread after its current step (blocking)."""
+        if self.objective is not None:
+            self._ticking.set()
         if self.fleet is not None:
             self.fleet.stop()
         self.runner.stop(timeout_s)
@@ -209,6 +218,12 @@ class Service:
         m.busy.set(view.busy)
         if self.on_admission is not None:
             self.on_admission(admission)
+
+    def _tick(self) -> None:
+        """The latency objective's control step every interval, steps or none."""
+        interval = self.objective.interval_s
+        while not self._ticking.wait(interval):
+            self._steer(0.0, [self.runner.scheduler.depth(b) for b in range(self.num_exits)])
 
     def admission(self) -> Admission:
         """The rule for a request arriving now (:class:`server.budget.objective.Admission`):

@@ -387,4 +387,6 @@ MUTANTS = [
     Mutant("stop-engine-in-server-group", "server/cli.py", "    os.setpgid(0, 0)\n", "",
            (SL + "test_a_signal_to_the_whole_process_group_still_stops_the_engine_after_the_workers",),
            "Ctrl-C or kill -- -PGID stops the engine with the workers: what they still send it gets 503"),
+    Mutant("objective-no-ticker", "server/engine/service.py", "while not self._ticking.wait(interval):",
+           "while False:", ("tests/test_overload_http.py",), "a refusal never ends when no step runs"),
 ]

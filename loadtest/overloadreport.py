@@ -79,7 +79,8 @@ def section(res: dict) -> str:
          f"from each request's scheduled send. C = {c:.1f} req/s (capacity at p99 ≤ {slo:g} ms at the configured "
          f"target of {_m(res['target_flops'])} MFLOPs, no objective), C1 = {c1:.1f} req/s (forced to exit 1, "
          f"{_m(res['exit_flops'][0])} MFLOPs: the physical limit of degrading). Load average at the end: "
-         f"{', '.join(f'{x:.2f}' for x in res.get('loadavg_at_end', []))}.", ""]
+         f"{', '.join(f'{x:.2f}' for x in res.get('loadavg_at_end', []))}." + (
+             f" {res['conditions']}" if res.get("conditions") else ""), ""]
     w += table(["goal", "figure", "met?"], goals(res)) + [""]
     names = ["0.5x", "1.5x", "3x", "0.5x again"]
     rows = [[names[i], f"{rate:.0f}", str(s["sent"]), _p(s["within_share"]), _p(s["refused_share"]),

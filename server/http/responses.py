@@ -17,13 +17,18 @@ from fastapi.responses import JSONResponse
 
 from .. import errors
 from ..engine.scheduler import Finished
-from ..service import BatchOutcome, BudgetReport, Service
+from ..results import BatchOutcome, BudgetReport
+from ..service import Service
+from ..watch.feedback import Labelled
 from .schemas import ErrorBody
 
 log = logging.getLogger("msdnet.http")
 
 ERROR_MEANING = {400: "Bad image data, bad base64 or a malformed body", 401: "Missing or wrong bearer token",
-                 403: "Budget changes are disabled", 404: "Unknown model, version or endpoint",
+                 403: "Budget changes are disabled",
+                 404: "Unknown model, version or endpoint; for /feedback: no answer of that request id is held "
+                      "(unknown, not a one-image /classify answer, or forgotten)",
+                 409: "That answer was labelled already",
                  408: "The request was not received in time",
                  413: "Body, image count or image pixels over a limit", 415: "Unsupported content type or format",
                  422: "Invalid parameter, budget below the minimum, or a non-finite network output",
@@ -78,6 +83,14 @@ def batch_result(service: Service, out: BatchOutcome, started: float) -> dict:
                for r in out.results]
     return {"results": results, "flops_used": out.flops_used, "flops_budget": out.flops_budget,
             "exit_counts": out.exit_counts}
+
+
+def feedback_result(out: Labelled) -> dict:
+    """A ``POST /feedback`` answer (:class:`server.http.schemas.FeedbackResult`)."""
+    last = out.last_class
+    return {"request_id": out.request_id, "label": out.label, "exit": out.exit, "class_id": out.served_class,
+            "correct": out.served_class == out.label, "audited": out.audited, "last_exit_class_id": last,
+            "last_exit_correct": None if last is None else last == out.label}
 
 
 def budget_state(report: BudgetReport) -> dict:

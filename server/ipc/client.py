@@ -1,7 +1,7 @@
 """The engine as an HTTP worker process sees it.
 
 :class:`EngineClient` has the part of :class:`server.service.Service` that the
-HTTP layer uses (``decode``, ``classify``, ``batch``, ``budget``, ``set_target``,
+HTTP layer uses (``decode``, ``classify``, ``batch``, ``budget``, ``set_target``, ``feedback``,
 the model's metadata, ``settings``, ``metrics``), so ``server.http`` serves the
 same routes in one process or as one of ``--workers N``. Images are decoded here,
 on the worker's threads, and cross to the engine process as raw float32 arrays
@@ -24,9 +24,11 @@ from ..budget.keeper import BudgetView
 from ..budget.objective import ObjectiveView
 from ..engine.scheduler import Finished
 from ..images import decode
+from ..logs import request_id as current_request_id
 from ..metrics import Metrics
-from ..service import BatchOutcome, BudgetReport, check_admission
+from ..results import BatchOutcome, BudgetReport, check_admission
 from ..settings import Settings
+from ..watch.feedback import Labelled
 from . import wire
 from .board import AdmissionBoard, board_path
 
@@ -216,8 +218,9 @@ class EngineClient:
             timeout_s = started + deadline_ms / 1e3 + self.DEADLINE_GRACE_S - time.monotonic()
             late = errors.DeadlineExceeded(f"the engine process did not answer within the deadline of "
                                            f"{deadline_ms:g} ms", deadline_ms=deadline_ms)
-        reply, probs = await self._call({"op": "classify", "deadline_ms": deadline_ms, "started": started},
-                                        np.stack(images), timeout_s, late)
+        rid = current_request_id.get()  # the engine keeps the answer for POST /feedback to any worker
+        reply, probs = await self._call({"op": "classify", "deadline_ms": deadline_ms, "started": started,
+                                         "rid": None if rid == "-" else rid}, np.stack(images), timeout_s, late)
         return wire.finished_from_wire(reply["results"], probs)
 
     async def batch(self, items: list[np.ndarray | errors.ServiceError], flops_budget: float | None,
@@ -238,6 +241,16 @@ class EngineClient:
         v, o = reply["view"], reply.get("objective")
         return BudgetReport(BudgetView(**{**v, "thresholds": tuple(v["thresholds"])}), reply["mode"],
                             reply["fleet_realised_flops"], ObjectiveView(**o) if o else None)
+
+    async def feedback(self, request_id: str, label: int) -> Labelled:
+        """As :meth:`server.service.Service.feedback`, by the engine process (it holds every worker's answers).
+
+        Raises:
+            errors.UnknownRequest: (404) no answer of that id is held.
+            errors.AlreadyLabelled: (409) it was labelled already.
+        """
+        reply, _ = await self._call({"op": "feedback", "request_id": request_id, "label": int(label)})
+        return Labelled(**reply["labelled"])
 
     async def set_target(self, target: float) -> None:
         """Raises: ValueError: outside [exit 1's cost, last exit's cost] (as the service's)."""

@@ -150,7 +150,7 @@ def test_panel_query_returns_data(live, title, ref, expr):
 def test_alert_rules_evaluate_on_real_metrics(live):
     body = httpx.get(f"{live.prom_url}/api/v1/rules", timeout=10).json()
     rules = [r for g in body["data"]["groups"] for r in g["rules"]]
-    assert len(rules) == 6
+    assert len(rules) == 8
     for r in rules:
         assert r["health"] == "ok" and not r.get("lastError"), json.dumps(r)[:500]
     # The scraped server is up. (The 1 ms deadlines may well make the deadline and

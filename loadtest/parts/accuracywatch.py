@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capacity", action=argparse.BooleanOptionalAction, default=True,
                    help="capacity with sampling at its default and off")
     p.add_argument("--smoke", action="store_true", help="seconds per phase; no capacity search")
+    p.add_argument("--benchmarks", help="merge the section into this BENCHMARKS.md (e.g. docs/BENCHMARKS.md)")
     a = p.parse_args(argv)
     ck = load(a.checkpoint, calibrated=True)
     test = load_test_set()
@@ -232,10 +233,16 @@ def main(argv: list[str] | None = None) -> int:
         log(f"  {row['phase']:16s} {row['requests']:6d} requests, pending after {row['pending_after_requests']}, "
             f"firing after {row['firing_after_requests']} requests ({row['firing_by_alert_s']}), audit share "
             f"{row['audit_flops_share']}")
+    res["label_every"] = a.label_every
     path = out / ("accuracywatch-smoke.json" if a.smoke else "accuracywatch.json")
     path.write_text(json.dumps(res, indent=1, default=float))
     plot(res, path.with_suffix(".png"))
     log(f"wrote {path}")
+    if a.benchmarks and not a.smoke:
+        from ..accuracyreport import merge_into
+
+        merge_into(a.benchmarks, out)
+        log(f"merged the section into {a.benchmarks}")
     return 0
 
 

@@ -38,6 +38,10 @@ def goals(res: dict) -> list[tuple[str, str, bool | None]]:
         if row["phase"] == CLEAN or not off.get(row["phase"], {}).get("must_flag"):
             continue
         n = row["firing_after_requests"]
+        if row.get("firing_at_start"):  # an alert of the phase before still fired: this phase proves nothing
+            out.append((f"'{row['phase']}' flagged within {GOAL_REQUESTS:,} requests",
+                        "an alert still fired from the phase before", None))
+            continue
         out.append((f"'{row['phase']}' flagged within {GOAL_REQUESTS:,} requests",
                     "not flagged" if n is None else f"{n:,} requests ({row['firing_after_s']:.0f} s)",
                     n is not None and n <= GOAL_REQUESTS))

@@ -165,6 +165,7 @@ def stream(checkpoint: str, plan: list[tuple[str, float]], bodies: dict[str, lis
                 "firing_after_s": None if fired is None else fired - a,
                 "firing_after_requests": None if fired is None else sum(r.scheduled_s < fired - t0 for r in recs),
                 "firing_by_alert_s": {k2: (None if v is None else v - a) for k2, v in by_alert.items()},
+                "firing_at_start": first_time(firing, a - 2.0, a) is not None,  # still firing from before
                 "firing_seconds": sum(1 for s in firing for t, _ in s["values"] if a <= float(t) < b)})
         rules = prom.rules()
     return {"started_unix": started, "run_started_unix": t0, "bounds_s": bounds.tolist(), "phases": rows,

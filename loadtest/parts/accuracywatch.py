@@ -169,7 +169,8 @@ def stream(checkpoint: str, plan: list[tuple[str, float]], bodies: dict[str, lis
                 "firing_seconds": sum(1 for s in firing for t, _ in s["values"] if a <= float(t) < b)})
         rules = prom.rules()
     return {"started_unix": started, "run_started_unix": t0, "bounds_s": bounds.tolist(), "phases": rows,
-            "signals": {k: [[float(t), float(v)] for s in v for t, v in s["values"]] for k, v in signals.items()},
+            "signals": {name: [[float(t), float(x)] for series in result for t, x in series["values"]]
+                        for name, result in signals.items()},
             "other_alerts": sorted({s["metric"]["alertname"] for s in others}),
             "rules_health": {r["name"]: r["health"] for r in rules}, "feedback_statuses": labeller.statuses,
             "statuses": ol.summarise(run.records)["statuses"], "server": cfg.label + ", " + cfg.config}

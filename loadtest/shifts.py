@@ -57,7 +57,9 @@ def served_at_target(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, cur
     """Serve the images of ``conf``/``pred`` (K, N) at the most expensive point of
     ``curve`` (calibration :class:`~model.curve.OperatingPoint`) whose mean FLOPs on
     them is at most ``target``: ``last_top1``, ``served_top1``, ``agreement``
-    (served class = last exit's), ``mean_flops`` and the point's validation ``p``."""
+    (served class = last exit's), ``mean_flops``, the mean confidence at exit 1, the
+    point's ``p`` and validation cost (``curve_budget_flops``) and the controller's
+    bias that implies, over the target (``bias_ratio_expected``)."""
     from model import calibration as C
 
     best = None
@@ -72,9 +74,12 @@ def served_at_target(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, cur
     mean, top1, point = best
     th = list(point.thresholds) if point is not None else [0.0] * conf.shape[0]
     served = pred[C.exit_of(conf, th), np.arange(len(labels))]
+    budget = point.mean_flops if point is not None else float(exit_flops[0])
     return {"last_top1": float((pred[-1] == labels).mean()), "served_top1": float(top1),
             "agreement": float((served == pred[-1]).mean()), "mean_flops": float(mean),
-            "mean_confidence_exit1": float(conf[0].mean()), "p": None if point is None else point.p}
+            "mean_confidence_exit1": float(conf[0].mean()), "p": None if point is None else point.p,
+            # The point's validation cost: the controller steers to it, and its bias is target - this.
+            "curve_budget_flops": float(budget), "bias_ratio_expected": 1.0 - float(budget) / target}
 
 
 def offline(checkpoint, images: np.ndarray, labels: np.ndarray, names: list[str]) -> dict[str, dict]:

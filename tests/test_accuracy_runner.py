@@ -49,7 +49,8 @@ def engine(tiny_checkpoint, request):
     ck = load(tiny_checkpoint)
     flops = ck.exit_flops(lazy=True)
     metrics = Metrics(len(flops), flops)
-    sampler = AuditSampler(1.0, flops, max_flops_share=1.0, burst=10_000, rng=random.Random(0))
+    sampler = AuditSampler(1.0, flops, max_flops_share=1.0, burst=10_000, rng=random.Random(0),
+                           on_skip=lambda reason: metrics.audit_skipped.labels(reason=reason).inc())
     sampler.credit = 1e15
     watch = AccuracyWatch(metrics, flops, CalibratedReference(list(ck.calibration.curve), len(flops)), sampler,
                           FeedbackStore(1000))
@@ -144,6 +145,7 @@ def test_no_audit_runs_while_the_watch_is_closed_and_nothing_outlives_it(engine)
     answers = asyncio.run(main())
     assert runner.scheduler.audits.held == 0
     early = sum(f.exit < runner.num_exits for f in answers)
+    del answers  # the test's own references
     assert value(metrics, "msdnet_audit_skipped_total", reason="objective") == early > 0
     assert value(metrics, "msdnet_audit_flops_total") == 0
     end = time.monotonic() + 30.0

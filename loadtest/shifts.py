@@ -23,10 +23,9 @@ def contrast_halved(x: np.ndarray) -> np.ndarray:
 
 
 def shifted_3px(x: np.ndarray) -> np.ndarray:
-    """Moved 3 pixels right and 3 down, the uncovered border black."""
-    out = np.zeros_like(x)
-    out[..., 3:, 3:] = x[..., :-3, :-3]
-    return out
+    """Moved 3 pixels down and 3 right, wrapping round (``np.roll``): the issue's
+    figure (last exit top-1 79.96%); moved with a black border instead, 88.1%."""
+    return np.roll(x, (3, 3), axis=(-2, -1))
 
 
 def darker(x: np.ndarray) -> np.ndarray:
@@ -34,13 +33,13 @@ def darker(x: np.ndarray) -> np.ndarray:
     return 0.6 * x
 
 
-def noisy(x: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Gaussian sensor noise, standard deviation 40 grey levels (a worse camera)."""
-    return x + np.random.default_rng(seed).normal(0.0, 40.0, x.shape)
+def noisy(x: np.ndarray, seed: int = 0, sd: float = 20.0) -> np.ndarray:
+    """Gaussian sensor noise, standard deviation ``sd`` grey levels (a worse camera)."""
+    return x + np.random.default_rng(seed).normal(0.0, sd, x.shape)
 
 
 SHIFTS = {CLEAN: lambda x: x, "contrast halved": contrast_halved, "shifted 3 px": shifted_3px,
-          "darker x0.6": darker, "noise sd 40": noisy}
+          "darker x0.6": darker, "noise sd 20": noisy}
 
 
 def apply(name: str, images: np.ndarray) -> np.ndarray:

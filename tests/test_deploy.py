@@ -355,9 +355,9 @@ def test_alert_rules_and_their_thresholds():
     assert '"5.."' in rules["MsdnetErrorRate"]["expr"]
     assert rules["MsdnetTargetDown"]["expr"].startswith("up{") and rules["MsdnetTargetDown"]["expr"].endswith("== 0")
     agreement = rules["MsdnetAgreementBelowCalibration"]["expr"]
-    assert "> 0.05" in agreement and "> 4 * sqrt(" in agreement and ">= 20" in agreement
+    assert "> 0.05" in agreement and "> 3 * sqrt(" in agreement and ">= 20" in agreement
     assert agreement.count("[5m]") == agreement.count("increase(") == 9
-    assert "> 0.15" in rules["MsdnetThresholdsOffCalibration"]["expr"]
+    assert "> 0.1\n" in rules["MsdnetThresholdsOffCalibration"]["expr"]
     for name, rule in rules.items():
         assert metric_names(rule["expr"]) <= KNOWN_METRICS, (name, metric_names(rule["expr"]) - KNOWN_METRICS)
         assert rule["labels"]["severity"] in ("warning", "critical")

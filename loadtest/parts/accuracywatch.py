@@ -271,7 +271,7 @@ def plot(res: dict, path: Path) -> None:
             ax.plot(t, v, lw=1, label=name)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7, loc="lower left")
-    axes[1].axhspan(-0.15, 0.15, color="green", alpha=0.08)
+    axes[1].axhspan(-0.1, 0.1, color="green", alpha=0.08)  # MsdnetThresholdsOffCalibration's band
     for k, row in enumerate(s["phases"]):
         a, b = s["bounds_s"][k] / 60, s["bounds_s"][k + 1] / 60
         for ax in axes:

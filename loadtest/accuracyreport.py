@@ -72,7 +72,7 @@ def section(res: dict) -> str:
              f"--recover-s {res['recover_s']:g} --rate {res['rate_rps']:g}` ({res['started']}; "
              f"{res['machine'].get('cpus', '?')} CPUs, {res['machine'].get('cpu', '')}): "
              "the shipped model with its defaults (audit share 0.02, "
-             "audits at most 5% of the FLOPs served), Prometheus (Debian's) scraping every second with "
+             "audits at most 4% of the FLOPs served), Prometheus (Debian's) scraping every second with "
              "`deploy/prometheus/alerts.yml`, Poisson open-loop traffic of Fashion-MNIST test images, "
              f"clean for {res['clean_s'] / 60:g} min, then each shift for {res['shift_s'] / 60:g} min followed by "
              f"{res['recover_s'] / 60:g} min of clean images. Target {res['target_flops'] / 1e6:.2f} MFLOPs per "

@@ -98,9 +98,10 @@ class Settings(BaseSettings):
                                     "only with spare capacity (no request queued or running; none while the latency "
                                     "objective is degraded or refusing), to measure agreement with the last exit; "
                                     "0: off.")
-    agreement_max_flops_share: float = Field(0.05, gt=0, le=1, description="Those audits' FLOPs stay within this "
-                                             "share of the FLOPs served (a sampled image is skipped otherwise); "
-                                             "never charged to the budget controller.")
+    agreement_max_flops_share: float = Field(0.04, gt=0, le=1, description="Those audits' FLOPs stay within this "
+                                             "share of the FLOPs served (a sampled image is skipped otherwise; "
+                                             "a credit of at most 4 audits absorbs bursts); never charged to the "
+                                             "budget controller.")
     agreement_max_held: int = Field(256, ge=1, description="Audited images held at once; past it the oldest "
                                     "waiting one is dropped (msdnet_audit_skipped_total{reason=\"dropped\"}).")
     feedback_store_size: int = Field(100_000, ge=1, description="Recent one-image /classify answers kept for "

@@ -51,7 +51,7 @@ class AuditSampler:
             ``burst`` below 1.
     """
 
-    def __init__(self, share: float, exit_flops: list[float], max_flops_share: float = 0.05, burst: int = 8,
+    def __init__(self, share: float, exit_flops: list[float], max_flops_share: float = 0.04, burst: int = 4,
                  rng: random.Random | None = None, on_skip: Callable[[str], None] | None = None):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"the audit share must be in [0, 1], got {share}")

@@ -207,12 +207,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="capacity with sampling at its default and off")
     p.add_argument("--smoke", action="store_true", help="seconds per phase; no capacity search")
     p.add_argument("--benchmarks", help="merge the section into this BENCHMARKS.md (e.g. docs/BENCHMARKS.md)")
+    p.add_argument("--capacity-only", action="store_true", help="add the capacity figures to OUT/accuracywatch.json "
+                   "of an earlier run (on a quiet machine) and merge again")
     a = p.parse_args(argv)
     ck = load(a.checkpoint, calibrated=True)
     test = load_test_set()
+    out = Path(a.out)
+    if a.capacity_only:
+        path = out / "accuracywatch.json"
+        res = json.loads(path.read_text())
+        res["capacity"] = capacity(a.checkpoint, to_samples(test, limit=2000), FULL, 100.0)
+        res["capacity_machine"] = machine_info()
+        path.write_text(json.dumps(res, indent=1, default=float))
+        log(f"capacity: {res['capacity']}; wrote {path}")
+        if a.benchmarks:
+            from ..accuracyreport import merge_into
+
+            merge_into(a.benchmarks, out)
+        return 0
     images, labels = test.images.numpy(), test.labels.numpy()
     names = [n for n in shifts.SHIFTS if n != shifts.CLEAN]
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.smoke:
         a.rate, a.clean_s, a.shift_s, a.recover_s, a.capacity = 10.0, 20.0, 15.0, 5.0, False

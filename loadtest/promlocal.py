@@ -42,7 +42,7 @@ class LocalPrometheus(ServerProcess):
         binary = prometheus_binary()
         if binary is None:
             raise FileNotFoundError("prometheus not found: apt-get install -y prometheus")
-        folder = Path(folder)
+        folder = Path(folder).resolve()  # the process runs in it: its paths must not be relative
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(rules, folder / "alerts.yml")
         hosts = [t.split("://", 1)[-1].rstrip("/") for t in targets]

@@ -91,10 +91,13 @@ def load_results(path: Path) -> dict:
 
 def write_outputs(res: dict, out: Path) -> None:
     """The plots and ``BENCHMARKS.md`` into the folder ``out``."""
+    from . import accuracyreport
     from .realreport import docs_part
 
     write_plots(res, out)
-    (out / "BENCHMARKS.md").write_text(report(res) + docs_part(out))  # keeps the real-size part (make bench-real)
+    watch = accuracyreport.docs_part(out)  # keeps the accuracy watch's part (python3 -m loadtest.accuracywatch)
+    (out / "BENCHMARKS.md").write_text(report(res) + ("\n" + watch if watch else "") + docs_part(out))
+    # (and the real-size part: make bench-real)
 
 
 def msdnet_capacity(a: dict | None, encoding: str = "png") -> float | None:

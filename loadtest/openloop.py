@@ -47,6 +47,7 @@ class Request:
     label: int | None = None          # true class, to score the answer
     deadline_ms: float | None = None  # the deadline the request carries (for scoring)
     tag: str = ""                     # free text kept on the record (e.g. a phase name)
+    request_id: str | None = None     # sent as X-Request-ID (None: the server makes one)
 
 
 @dataclass
@@ -145,8 +146,8 @@ class _AiohttpClient:
             connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections),
             timeout=aiohttp.ClientTimeout(total=timeout_s))
 
-    async def post(self, url: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-        async with self.session.post(url, data=body, headers={"content-type": content_type}) as resp:
+    async def post(self, url: str, body: bytes, content_type: str, headers: dict | None = None) -> tuple[int, bytes]:
+        async with self.session.post(url, data=body, headers={"content-type": content_type, **(headers or {})}) as resp:
             return resp.status, await resp.read()
 
     async def close(self) -> None:
@@ -160,8 +161,8 @@ class _HttpxClient:
         self.client = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections))
 
-    async def post(self, url: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-        resp = await self.client.post(url, content=body, headers={"content-type": content_type})
+    async def post(self, url: str, body: bytes, content_type: str, headers: dict | None = None) -> tuple[int, bytes]:
+        resp = await self.client.post(url, content=body, headers={"content-type": content_type, **(headers or {})})
         return resp.status_code, resp.content
 
     async def close(self) -> None:
@@ -217,7 +218,8 @@ async def run_async(url: str, make_request: Callable[[int], Request], rate: floa
         sent = loop.time() - t0
         status, payload, error = 0, b"", None
         try:
-            status, payload = await http.post(base + req.path, req.body, req.content_type)
+            status, payload = await http.post(base + req.path, req.body, req.content_type,
+                                              {"x-request-id": req.request_id} if req.request_id else None)
         except TimeoutError:
             error = "timeout"
         except Exception as exc:  # connection refused/reset: a failed request, not a crash

@@ -16,10 +16,11 @@ batch size 1 (MSDNet paper convention); mean FLOPs are per image.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
-from .curve import OperatingPoint, pareto, point_for
+from .curve import FIGURES, OperatingPoint, pareto, point_for
 
 NEVER = math.inf
 
@@ -114,16 +115,46 @@ def evaluate_thresholds(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, 
     return float(flops.mean()), float((chosen == labels).mean()), shares.tolist()
 
 
+def exit_figures(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray,
+                 thresholds: list[float]) -> dict[str, tuple[float | None, ...]]:
+    """Per exit k, among the samples leaving at k under ``thresholds``: the fraction
+    whose prediction there equals the last exit's (``exit_agreement``), their top-1
+    there (``exit_top1``) and at the last exit (``exit_last_top1``); None for an exit
+    no sample leaves at. ``conf``/``pred`` (K, N), ``labels`` (N,). The keys are
+    :data:`model.curve.FIGURES` (an :class:`OperatingPoint`'s fields)."""
+    ex = exit_of(conf, thresholds)
+    n = conf.shape[1]
+    served, last = pred[ex, np.arange(n)], pred[-1]
+    out: dict[str, list[float | None]] = {name: [] for name in FIGURES}
+    for k in range(conf.shape[0]):
+        here = ex == k
+        if not here.any():
+            for name in FIGURES:
+                out[name].append(None)
+            continue
+        out["exit_agreement"].append(float((served[here] == last[here]).mean()))
+        out["exit_top1"].append(float((served[here] == labels[here]).mean()))
+        out["exit_last_top1"].append(float((last[here] == labels[here]).mean()))
+    return {name: tuple(v) for name, v in out.items()}
+
+
+def with_figures(point: OperatingPoint, conf: np.ndarray, pred: np.ndarray, labels: np.ndarray) -> OperatingPoint:
+    """``point`` with its per-exit figures (:func:`exit_figures`) for its thresholds."""
+    return replace(point, **exit_figures(conf, pred, labels, list(point.thresholds)))
+
+
 def budgeted_curve(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, exit_flops: list[int],
                    ps: np.ndarray | None = None) -> list[OperatingPoint]:
-    """Thresholds and validation cost/accuracy for a grid of geometric-prior
-    parameters p (default: 400 values log-spaced in [0.02, 50]), sorted by mean FLOPs."""
+    """Thresholds and validation cost/accuracy (with the per-exit figures of
+    :func:`exit_figures`) for a grid of geometric-prior parameters p (default: 400
+    values log-spaced in [0.02, 50]), sorted by mean FLOPs."""
     ps = np.geomspace(0.02, 50.0, 400) if ps is None else ps
     out = []
     for p in ps:
         th = prior_thresholds(conf, geometric_prior(p, conf.shape[0]))
         mean, top1, shares = evaluate_thresholds(conf, pred, labels, th, exit_flops)
-        out.append(OperatingPoint(mean, tuple(th), top1, float(p), tuple(shares)))
+        out.append(OperatingPoint(mean, tuple(th), top1, float(p), tuple(shares),
+                                  **exit_figures(conf, pred, labels, th)))
     return sorted(out, key=lambda o: (o.mean_flops, -o.top1))
 
 

@@ -22,7 +22,8 @@ The dict's fields:
   MSDNet paper counts them) and ``params``.
 - ``validation``: the data set, ``seed`` and ``size`` of the held-out split.
 - ``calibration``: per-exit ``temperatures`` and ``thresholds`` (or None before
-  ``msdnet calibrate``), and how they were chosen.
+  ``msdnet calibrate``), how they were chosen, the curve (each point with its
+  per-exit agreement with the last exit and top-1) and the mean confidence per exit.
 - ``card``: where the weights came from: ``training`` (the command, options, wall
   time and per-epoch history) and ``metrics``, or the official file and arguments.
 
@@ -238,7 +239,11 @@ class Calibration:
         rule: how the default was chosen, for people.
         images_source, images_count: where the calibration images came from (data set
             name or folder) and how many (``images`` on disk).
-        The optional fields are None in calibrations written before they existed.
+        mean_confidence: per exit, the mean temperature-scaled confidence of every
+            calibration image there (each image evaluated at every exit); the live
+            figure at exit 1, which every image reaches, is comparable to it.
+        The optional fields are None in calibrations written before they existed; the
+        curve's points carry per-exit agreement and accuracy (:class:`model.curve.OperatingPoint`).
     """
 
     temperatures: tuple[float, ...]
@@ -252,6 +257,7 @@ class Calibration:
     rule: str | None = None
     images_source: str | None = None
     images_count: int | None = None
+    mean_confidence: tuple[float, ...] | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
@@ -260,14 +266,15 @@ class Calibration:
         return cls(_floats(d["temperatures"]), _floats(d["thresholds"]), float(d["target_flops"]),
                    tuple(OperatingPoint.from_dict(p) for p in d["curve"]), d.get("p"), d.get("val_top1"),
                    _optional(d.get("val_exit_shares")), d.get("cost"), d.get("rule"), images.get("source"),
-                   images.get("count"))
+                   images.get("count"), _optional(d.get("mean_confidence")))
 
     def to_dict(self) -> dict:
         """The optional fields only when set."""
         out = {"temperatures": list(self.temperatures), "thresholds": list(self.thresholds)}
         extra = {"p": self.p, "target_flops": self.target_flops, "val_top1": self.val_top1,
                  "val_exit_shares": None if self.val_exit_shares is None else list(self.val_exit_shares),
-                 "cost": self.cost, "rule": self.rule}
+                 "cost": self.cost, "rule": self.rule,
+                 "mean_confidence": None if self.mean_confidence is None else list(self.mean_confidence)}
         out.update((k, v) for k, v in extra.items() if v is not None)
         if self.images_source is not None or self.images_count is not None:
             out["images"] = {"source": self.images_source, "count": self.images_count}

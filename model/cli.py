@@ -77,9 +77,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .evaluate import calibrate
+    from .evaluate import add_figures, calibrate
 
     ck = ckpt.load(args.checkpoint)
+    if args.figures_only:
+        cal = add_figures(ck, args.data_dir, data=args.data, split=args.split)
+        ck.save(args.out or args.checkpoint)
+        point = next((p for p in cal.curve if p.thresholds == cal.thresholds), None)
+        if point is not None and point.exit_agreement is not None:
+            shown = ", ".join("-" if a is None else f"{100 * a:.2f}%" for a in point.exit_agreement)
+            print(f"agreement with the last exit per exit at the default thresholds: {shown}")
+        print(f"added per-exit figures to {len(cal.curve)} curve points; wrote {args.out or args.checkpoint}")
+        return 0
     cal = calibrate(ck, args.data_dir, target_flops=args.target_flops, max_drop=args.max_drop / 100,
                     data=args.data, split=args.split)
     ck.save(args.out or args.checkpoint)
@@ -212,6 +221,9 @@ def add_commands(sub) -> None:
                    "(multiply-accumulates); default: cheapest point within --max-drop of the last exit")
     p.add_argument("--max-drop", type=float, default=0.2, help="accuracy points the default may lose (0.2)")
     p.add_argument("--out", help="write here instead of updating the checkpoint in place")
+    p.add_argument("--figures-only", action="store_true", help="keep the temperatures, thresholds and curve; add "
+                   "the per-exit agreement with the last exit, top-1 and mean confidence the server's accuracy "
+                   "watch compares with (a checkpoint calibrated before they existed)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("evaluate", help="anytime table and budgeted-batch curve on the test split")

@@ -27,6 +27,13 @@ class OperatingPoint:
         top1: validation top-1 (a fraction), None for the curve's added ends.
         p: the geometric prior's parameter that produced it, when it came from one.
         exit_shares: fraction of validation images leaving at each exit.
+        exit_agreement: per exit k, among the validation images leaving at k, the
+            fraction whose class there equals the last exit's (1.0 at the last exit);
+            None for an exit no image leaves at.
+        exit_top1: per exit k, top-1 fraction of the images leaving at k (the class served).
+        exit_last_top1: per exit k, top-1 fraction of the same images at the last exit.
+        The three per-exit figures are None in calibrations written before they existed
+        (``msdnet calibrate --figures-only`` adds them).
     """
 
     mean_flops: float
@@ -34,16 +41,27 @@ class OperatingPoint:
     top1: float | None = None
     p: float | None = None
     exit_shares: tuple[float, ...] | None = None
+    exit_agreement: tuple[float | None, ...] | None = None
+    exit_top1: tuple[float | None, ...] | None = None
+    exit_last_top1: tuple[float | None, ...] | None = None
 
     def to_dict(self) -> dict:
-        return {"mean_flops": self.mean_flops, "thresholds": list(self.thresholds), "top1": self.top1, "p": self.p,
-                **({"exit_shares": list(self.exit_shares)} if self.exit_shares is not None else {})}
+        out = {"mean_flops": self.mean_flops, "thresholds": list(self.thresholds), "top1": self.top1, "p": self.p}
+        for name in ("exit_shares", *FIGURES):
+            if getattr(self, name) is not None:
+                out[name] = list(getattr(self, name))
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> OperatingPoint:
         shares = d.get("exit_shares")
+        figures = {name: tuple(d[name]) for name in FIGURES if d.get(name) is not None}
         return cls(float(d["mean_flops"]), tuple(float(t) for t in d["thresholds"]), d.get("top1"), d.get("p"),
-                   tuple(shares) if shares is not None else None)
+                   tuple(shares) if shares is not None else None, **figures)
+
+
+# The per-exit figures of a point (validation split, among the images leaving at each exit).
+FIGURES = ("exit_agreement", "exit_top1", "exit_last_top1")
 
 
 def pareto(curve: list[OperatingPoint]) -> list[OperatingPoint]:

@@ -13,6 +13,7 @@ MSDNet paper counts them. Served costs use lazy evaluation (``flops_lazy``).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -109,6 +110,7 @@ def calibrate(ck: ckpt.Checkpoint, data_dir: str | None = None, target_flops: fl
     curve = C.budgeted_curve(conf, pred, labels.numpy(), flops)
     point = C.solve_for_budget(curve, target_flops) if target_flops else default_operating_point(curve, max_drop)
     ck.calibration = ckpt.Calibration(
+        mean_confidence=tuple(float(c) for c in conf.mean(axis=1)),
         temperatures=tuple(float(t) for t in temperatures),
         thresholds=tuple(float(t) for t in point.thresholds),
         target_flops=float(point.mean_flops),
@@ -122,6 +124,38 @@ def calibrate(ck: ckpt.Checkpoint, data_dir: str | None = None, target_flops: fl
         images_source=f"{data_dir}/{split}" if _from_folder(ck, data) else _recorded(ck).dataset,
         images_count=len(val),
     )
+    return ck.calibration
+
+
+def _calibration(ck: ckpt.Checkpoint) -> ckpt.Calibration:
+    """The checkpoint's calibration.
+
+    Raises:
+        ValueError: when the checkpoint is not calibrated.
+    """
+    if ck.calibration is None:
+        raise ValueError("checkpoint is not calibrated: run 'msdnet calibrate --checkpoint FILE' first")
+    return ck.calibration
+
+
+def add_figures(ck: ckpt.Checkpoint, data_dir: str | None = None, data: str | None = None,
+                split: str = "val") -> ckpt.Calibration:
+    """Add the per-exit agreement and accuracy figures (:func:`model.calibration.exit_figures`)
+    to every point of a calibrated checkpoint's curve, and the mean confidence per exit,
+    keeping its temperatures, thresholds and curve: a checkpoint calibrated before they
+    existed gets them without recalibrating. Images: :func:`validation_set`. Stores and
+    returns the new calibration in the checkpoint.
+
+    Raises:
+        ValueError: when the checkpoint is not calibrated.
+    """
+    cal = _calibration(ck)
+    val = validation_set(ck, data_dir, data, split)
+    t = ck.transforms
+    conf, pred = C.confidences(collect_logits(ck.model, val, t.mean, t.std), list(cal.temperatures))
+    labels = val.labels.numpy()
+    ck.calibration = replace(cal, curve=tuple(C.with_figures(p, conf, pred, labels) for p in cal.curve),
+                             mean_confidence=tuple(float(c) for c in conf.mean(axis=1)))
     return ck.calibration
 
 
@@ -145,14 +179,13 @@ def evaluate(ck: ckpt.Checkpoint, data_dir: str | None = None, latency_repeats: 
 
     Returns ``{"anytime": [{"exit", "top1", "flops", "flops_lazy", "params",
     "latency_ms_b1", "latency_ms_b64"}], "budgeted": [{"p", "mean_flops", "top1",
-    "val_mean_flops", "val_top1", "exit_shares"}], "default": {...}}``.
+    "val_mean_flops", "val_top1", "exit_shares"}], "default": {...}}``; the default's
+    ``agreement`` is the fraction of test images whose served class equals the last exit's.
 
     Raises:
         ValueError: when the checkpoint is not calibrated.
     """
-    cal = ck.calibration
-    if cal is None:
-        raise ValueError("checkpoint is not calibrated: run 'msdnet calibrate --checkpoint FILE' first")
+    cal = _calibration(ck)
     test = test_set(ck, data_dir, data, split)
     t = ck.transforms
     logits = collect_logits(ck.model, test, t.mean, t.std)
@@ -172,8 +205,9 @@ def evaluate(ck: ckpt.Checkpoint, data_dir: str | None = None, latency_repeats: 
         budgeted.append({"p": point.p, "mean_flops": mean, "top1": acc, "val_mean_flops": point.mean_flops,
                          "val_top1": point.top1, "exit_shares": shares})
     mean, acc, shares = C.evaluate_thresholds(conf, pred, labels, list(cal.thresholds), flops)
+    served = pred[C.exit_of(conf, list(cal.thresholds)), np.arange(len(labels))]
     default = {"thresholds": list(cal.thresholds), "mean_flops": mean, "top1": acc, "exit_shares": shares,
-               "val_mean_flops": cal.target_flops}
+               "val_mean_flops": cal.target_flops, "agreement": float((served == pred[-1]).mean())}
     return {"anytime": anytime, "budgeted": budgeted, "default": default,
             "unit": "FLOPs = multiply-accumulates of convs and linears per image (cumulative, batch 1)"}
 

@@ -18,7 +18,7 @@ def cmd_serve(args) -> int:
         "checkpoint": args.checkpoint, "host": args.host, "port": args.port, "workers": args.workers,
         "target_flops": args.target_flops, "torch_threads": args.torch_threads, "model_threads": args.model_threads,
         "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
-        "log_level": args.log_level}.items() if v is not None}
+        "log_level": args.log_level, "agreement_sample": args.agreement_sample}.items() if v is not None}
     if args.no_controller:
         overrides["controller"] = False
     try:
@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-queue-delay-ms", type=float)
     p.add_argument("--no-controller", action="store_true", help="keep the checkpoint's thresholds fixed")
+    p.add_argument("--agreement-sample", type=float, help="share of early /classify answers audited at the last "
+                   "exit with spare capacity (default 0.02; 0: off)")
     p.add_argument("--log-level")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("batch-eval", help="/batch's budgeted policy against fixed thresholds on the test split")

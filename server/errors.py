@@ -72,6 +72,18 @@ class NotFound(ServiceError):
     status, code = 404, "not_found"
 
 
+class UnknownRequest(NotFound):
+    """``POST /feedback`` for a request id whose answer is not held (unknown or forgotten)."""
+
+    status, code = 404, "unknown_request_id"
+
+
+class AlreadyLabelled(ServiceError):
+    """``POST /feedback`` for an answer that has a label already."""
+
+    status, code = 409, "already_labelled"
+
+
 class MethodNotAllowed(ServiceError):
     status, code = 405, "method_not_allowed"
 

@@ -3,7 +3,9 @@
 Names are ``msdnet_<what>_<unit>`` in base units: seconds, FLOPs (multiply-
 accumulates of convs and linears, as the MSDNet paper counts them); counters end
 in ``_total``. Labels have few values: ``exit`` and ``block`` are 1..K, ``endpoint``
-is a route path, ``status`` an HTTP code, ``reason`` one of :data:`REJECT_REASONS`.
+is a route path, ``status`` an HTTP code, ``reason`` one of :data:`REJECT_REASONS`
+(or, for audits, :data:`server.watch.sampler.SKIP_REASONS`); ``agree``, ``served``
+and ``last`` two values each.
 
 Each :class:`Metrics` owns its registry, so tests and several apps in one process
 do not collide. With ``msdnet serve --workers N`` (N HTTP worker processes and
@@ -27,6 +29,8 @@ REJECT_REASONS = ("queue_full", "deadline", "bad_request", "unsupported_media", 
 OBJECTIVE_STATES = ("steady", "degraded", "refusing")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999)
+AUDIT_SKIP_REASONS = ("objective", "flops_cap", "dropped")  # server.watch.sampler.SKIP_REASONS
 
 
 class Metrics:
@@ -95,6 +99,7 @@ class Metrics:
                                        "or refused with 504.", registry=r)
         self.rejected = Counter("msdnet_rejected_requests_total", "Requests refused, by reason.", ["reason"],
                                 registry=r)
+        self._watch_metrics(num_exits)
         # A gauge, not an Info (Info does not work in multiprocess mode); the same exposition line.
         self.model = Gauge("msdnet_model_info", "The served model (value 1; the labels describe it).",
                            MODEL_INFO_LABELS, registry=r, multiprocess_mode="max")
@@ -104,6 +109,61 @@ class Metrics:
                 self.queue_depth.labels(block=str(k)).set(0)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason=reason)
+
+    def _watch_metrics(self, num_exits: int) -> None:
+        """The accuracy watch's (``server.watch``): drift, agreement with the last exit, feedback."""
+        r, last = self.registry, dict(multiprocess_mode="mostrecent")
+        self.confidence = Histogram("msdnet_exit_confidence", "Temperature-scaled confidence (max softmax, unitless) "
+                                    "of each image at each exit it is evaluated at (requests' steps only).", ["exit"],
+                                    buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.calibrated_confidence = Gauge("msdnet_calibrated_mean_confidence", "Mean confidence of the calibration "
+                                           "images at each exit (every image evaluated there).", ["exit"],
+                                           registry=r, **last)
+        self.calibrated_threshold = Gauge("msdnet_calibrated_threshold", "The calibration curve's confidence "
+                                          "threshold of each exit for the target in force (what "
+                                          "msdnet_exit_threshold would be on calibration-like images).", ["exit"],
+                                          registry=r, **last)
+        self.controller_bias = Gauge("msdnet_controller_bias_flops_per_request", "The budget controller's bias: "
+                                     "mean FLOPs per request spent above the calibration curve's prediction for "
+                                     "the thresholds in force (smoothed over ~50 requests); the thresholds in "
+                                     "force are the curve's for the target in force minus this.", registry=r, **last)
+        self.agreement = Counter("msdnet_agreement_total", "Audited /classify images (answered before the last "
+                                 "exit, carried on to it afterwards) by the exit they were answered at and whether "
+                                 "that answer equals the last exit's.", ["exit", "agree"], registry=r)
+        self.agreement_expected = Counter("msdnet_agreement_expected_total", "Audited images weighted by the "
+                                          "calibration's agreement at the exit each was answered at (what "
+                                          "msdnet_agreement_total{agree=\"true\"} counts on calibration-like "
+                                          "images).", ["exit"], registry=r)
+        self.calibrated_agreement = Gauge("msdnet_calibrated_agreement_ratio", "Calibration's agreement of the "
+                                          "answer with the last exit's among the images leaving at each exit, at "
+                                          "the target in force.", ["exit"], registry=r, **last)
+        self.audit_flops = Counter("msdnet_audit_flops_total", "FLOPs spent carrying audited images on to the last "
+                                   "exit (multiply-accumulates); never charged to the budget controller.", registry=r)
+        self.audit_skipped = Counter("msdnet_audit_skipped_total", "Sampled images not audited, by reason: the "
+                                     "latency objective was not steady, the audit FLOPs cap, or dropped unfinished "
+                                     "(audit queues full).", ["reason"], registry=r)
+        self.feedback = Counter("msdnet_feedback_total", "Labels received (POST /feedback) by the exit answered at "
+                                "and whether the served class was correct.", ["exit", "served"], registry=r)
+        self.feedback_last = Counter("msdnet_feedback_last_exit_total", "Labels of audited answers by the exit "
+                                     "answered at and whether the last exit's class was correct.", ["exit", "last"],
+                                     registry=r)
+        self.calibrated_accuracy = Gauge("msdnet_calibrated_accuracy_ratio", "Calibration's top-1 among the images "
+                                         "leaving at each exit, of the class served there (at=served) and at the "
+                                         "last exit (at=last), at the target in force.", ["exit", "at"], registry=r,
+                                         **last)
+        for k in range(1, num_exits + 1):
+            e = str(k)
+            self.confidence.labels(exit=e)
+            for ok in ("correct", "wrong"):
+                self.feedback.labels(exit=e, served=ok)
+            if k < num_exits:
+                self.agreement_expected.labels(exit=e)
+                for ok in ("correct", "wrong"):
+                    self.feedback_last.labels(exit=e, last=ok)
+                for agree in ("true", "false"):
+                    self.agreement.labels(exit=e, agree=agree)
+        for reason in AUDIT_SKIP_REASONS:
+            self.audit_skipped.labels(reason=reason)
 
     def exposition(self) -> bytes:
         """The text a scrape gets: this registry, or, in multiprocess mode, every

@@ -93,6 +93,20 @@ class Settings(BaseSettings):
     controller: bool = Field(True, description="Tune thresholds online; off: the checkpoint's thresholds.")
     controller_horizon: float = Field(20.0, gt=0, description="Requests over which an overspend is paid back.")
     controller_bias_halflife: float = Field(50.0, gt=0, description="Requests to forget half the bias estimate.")
+    agreement_sample: float = Field(0.02, ge=0, le=1, description="Share of answered /classify images that left "
+                                    "before the last exit and are carried on to it after their answer has gone out, "
+                                    "only with spare capacity (no request queued or running; none while the latency "
+                                    "objective is degraded or refusing), to measure agreement with the last exit; "
+                                    "0: off.")
+    agreement_max_flops_share: float = Field(0.04, gt=0, le=1, description="Those audits' FLOPs stay within this "
+                                             "share of the FLOPs served (a sampled image is skipped otherwise; "
+                                             "a credit of at most 4 audits absorbs bursts); never charged to the "
+                                             "budget controller.")
+    agreement_max_held: int = Field(256, ge=1, description="Audited images held at once; past it the oldest "
+                                    "waiting one is dropped (msdnet_audit_skipped_total{reason=\"dropped\"}).")
+    feedback_store_size: int = Field(100_000, ge=1, description="Recent one-image /classify answers kept for "
+                                     "POST /feedback (by request id); older ones are forgotten (about 0.3 KB "
+                                     "each with its id).")
     budget_token: SecretStr | None = Field(None, description="Bearer token for PUT /budget; unset: refused.")
     drain_timeout_s: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
     engine_timeout_s: float = Field(30.0, gt=0, description="With --workers N: how long a worker waits for the "

@@ -96,7 +96,8 @@ def live(tmp_path_factory):
         k: v for k, v in os.environ.items() if k in ("MSDNET_CHECKPOINT", "MSDNET_TARGET_FLOPS")}
     env |= {"MSDNET_BUDGET_TOKEN": "test", "MSDNET_TORCH_THREADS": "1",
             "MSDNET_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S), "MSDNET_LOG_LEVEL": "warning",
-            "MSDNET_LATENCY_SLO_MS": "1000"}  # the objective's panels have data (1 s: it never degrades here)
+            "MSDNET_LATENCY_SLO_MS": "1000",  # the objective's panels have data (1 s: it never degrades here)
+            "MSDNET_AGREEMENT_SAMPLE": "1"}  # every early answer audited: the accuracy watch's panels have data
     server = ServerProcess(serve_command(), ready_timeout_s=READY_TIMEOUT_S, stop_timeout_s=DRAIN_TIMEOUT_S + 5,
                            name="dashboard-server", cwd=ROOT)
     server.env = env  # not this process's MSDNET_* settings
@@ -150,7 +151,7 @@ def test_panel_query_returns_data(live, title, ref, expr):
 def test_alert_rules_evaluate_on_real_metrics(live):
     body = httpx.get(f"{live.prom_url}/api/v1/rules", timeout=10).json()
     rules = [r for g in body["data"]["groups"] for r in g["rules"]]
-    assert len(rules) == 6
+    assert len(rules) == 8
     for r in rules:
         assert r["health"] == "ok" and not r.get("lastError"), json.dumps(r)[:500]
     # The scraped server is up. (The 1 ms deadlines may well make the deadline and

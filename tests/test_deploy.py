@@ -318,7 +318,8 @@ def test_docker_compose_config_when_the_plugin_exists():
 # --- Prometheus ------------------------------------------------------------------
 
 ALERTS = {"MsdnetBudgetDrift": "5m", "MsdnetDegraded": "15m", "MsdnetRefusingForObjective": "5m",
-          "MsdnetDeadlineMisses": "5m", "MsdnetErrorRate": "5m", "MsdnetTargetDown": "1m"}
+          "MsdnetDeadlineMisses": "5m", "MsdnetErrorRate": "5m", "MsdnetTargetDown": "1m",
+          "MsdnetAgreementBelowCalibration": "1m", "MsdnetThresholdsOffCalibration": "1m"}
 
 
 def test_promtool_check_config():
@@ -355,6 +356,10 @@ def test_alert_rules_and_their_thresholds():
     assert "> 0.01" in rules["MsdnetDeadlineMisses"]["expr"] and "> 0.01" in rules["MsdnetErrorRate"]["expr"]
     assert '"5.."' in rules["MsdnetErrorRate"]["expr"]
     assert rules["MsdnetTargetDown"]["expr"].startswith("up{") and rules["MsdnetTargetDown"]["expr"].endswith("== 0")
+    agreement = rules["MsdnetAgreementBelowCalibration"]["expr"]
+    assert "> 0.05" in agreement and "> 3 * sqrt(" in agreement and ">= 20" in agreement
+    assert agreement.count("[5m]") == agreement.count("increase(") == 9
+    assert "> 0.1\n" in rules["MsdnetThresholdsOffCalibration"]["expr"]
     for name, rule in rules.items():
         assert metric_names(rule["expr"]) <= KNOWN_METRICS, (name, metric_names(rule["expr"]) - KNOWN_METRICS)
         assert rule["labels"]["severity"] in ("warning", "critical")

@@ -38,9 +38,11 @@ class HeldService:
         self.calls = 0
         self.cancelled = 0
         self.objective = None
+        self.request_ids: list[str | None] = []
 
-    async def classify(self, images, deadline_ms, started):
+    async def classify(self, images, deadline_ms, started, request_id=None):
         self.calls += 1
+        self.request_ids.append(request_id)
         try:
             await self.release.wait()
         except asyncio.CancelledError:

@@ -51,7 +51,7 @@ def test_model_imports_nothing_from_server():
     assert not bad, bad
 
 
-@pytest.mark.parametrize("room", ["server.engine", "server.budget", "server.ipc"])
+@pytest.mark.parametrize("room", ["server.engine", "server.budget", "server.ipc", "server.watch"])
 def test_engine_and_budget_know_no_http(room):
     bad = [(str(p.relative_to(ROOT)), m) for p in sources(room) for m, _ in imports_of(p)
            if m.split(".")[0] in ("fastapi", "starlette", "uvicorn") or m.startswith("server.http")]
@@ -74,7 +74,8 @@ def test_no_module_imports_a_private_name_of_another():
 
 
 def test_scheduler_and_controller_import_no_torch():
-    code = ("import sys, server.engine.scheduler, server.budget.controller, server.budget.keeper, model.curve; "
+    code = ("import sys, server.engine.scheduler, server.budget.controller, server.budget.keeper, model.curve, "
+            "server.engine.audit, server.watch.monitor; "
             "assert 'torch' not in sys.modules and 'fastapi' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

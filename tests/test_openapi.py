@@ -89,12 +89,18 @@ def test_recorded_responses_match_the_document(client, spec):
         client.post("/v2/models/msdnet/infer", json={"inputs": []}),                        # 400
         client.post("/v2/models/msdnet/infer", json={**v2_one, "parameters": {"deadline_ms": 0}}),  # 422
         client.post("/v2/models/nope/infer", json=v2_one),                                  # 404
+        client.post("/classify", content=img, headers={"content-type": "image/png", "x-request-id": "oa-1"}),
+        client.post("/feedback", json={"request_id": "oa-1", "label": 9}),
+        client.post("/feedback", json={"request_id": "oa-1", "label": "Ankle boot"}),       # 409
+        client.post("/feedback", json={"request_id": "nobody", "label": 9}),                # 404
+        client.post("/feedback", json={"request_id": "oa-1", "label": 10}),                 # 422
+        client.post("/feedback", content=b"x", headers={"content-type": "text/plain"}),     # 415
     ]
     statuses = set()
     for r in responses:
         check(spec, r)
         statuses.add(r.status_code)
-    assert {200, 400, 401, 404, 413, 415, 422} <= statuses
+    assert {200, 400, 401, 404, 409, 413, 415, 422} <= statuses
 
 
 def test_not_ready_and_unexpected_errors_are_documented(spec):
@@ -138,6 +144,12 @@ def test_documented_examples_work_when_sent(shipped_client, spec):
         r = client.request(method, path.replace("{name}", "msdnet"), json=example)
         assert r.status_code == 200, (path, r.text)
         check(spec, r)
+    example = spec["paths"]["/feedback"]["post"]["requestBody"]["content"]["application/json"]["example"]
+    answer = client.post("/classify", content=base64.b64decode(EXAMPLE_IMAGE),
+                         headers={"content-type": "image/png", "x-request-id": example["request_id"]})
+    r = client.post("/feedback", json=example)  # labels the answer just given
+    assert answer.status_code == 200 and r.status_code == 200, r.text
+    check(spec, r)
     example = spec["paths"]["/budget"]["put"]["requestBody"]["content"]["application/json"]["example"]
     r = client.put("/budget", json=example, headers={"authorization": "Bearer t0ken"})
     assert r.status_code == 200 and r.json()["target_flops"] == example["target_flops"]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from .. import errors
 from ..budget.keeper import BudgetView
 from ..budget.objective import OPEN, Admission, ObjectiveView
+from ..watch.feedback import Labelled
 from .scheduler import Finished, Outcome
 
 if TYPE_CHECKING:
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
 
 # The plain types an implementation or a caller needs, from one place.
-__all__ = ["OPEN", "Admission", "BatchOutcome", "BudgetReport", "BudgetView", "Engine", "Finished", "ObjectiveView",
-           "Outcome", "check_admission"]
+__all__ = ["OPEN", "Admission", "BatchOutcome", "BudgetReport", "BudgetView", "Engine", "Finished", "Labelled",
+           "ObjectiveView", "Outcome", "check_admission"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,16 @@ class Engine(Protocol):
 
     async def budget(self) -> BudgetReport:
         """The budget controller's state."""
+        ...
+
+    async def feedback(self, request_id: str, label: int) -> Labelled:
+        """Score an earlier one-image /classify answer (``request_id``) against its true
+        class id ``label`` (the accuracy watch).
+
+        Raises:
+            errors.UnknownRequest: (404) no answer of that id is held.
+            errors.AlreadyLabelled: (409) it was labelled already.
+        """
         ...
 
     async def set_target(self, target: float) -> None:

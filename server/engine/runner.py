@@ -12,6 +12,9 @@ thread alone).
 Features of images that go on to the next block stay as rows of their step's
 batch state and are gathered when that block runs, so exit k+1 resumes from
 exit k's features (real early exit, lazy evaluation; ``model.network``).
+An image sampled for audit (``Task.audit``, see ``server.engine.audit``) keeps a
+copy of its own row when its answer goes out, and runs on to the last exit in
+audit steps; the :class:`StepWatch` hears of it, never the budget (``on_done``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from model.checkpoint import Checkpoint
 from model.network import MSDState
 
+from .audit import Auditor, StepWatch
 from .backends import make_backend, to_host
 from .scheduler import BlockScheduler, Finished, LatencyModel, Outcome, Task  # Finished: re-exported
 
@@ -48,6 +52,8 @@ class ImageData:
     batch_state: MSDState | None = None  # the step's batch state holding this image's features
     row: int = 0
     probs: np.ndarray | None = None  # (num_classes,) at the newest exit
+    served_exit: int = 0  # an audited image's exit (1-based) and class when it was answered
+    served_class: int = -1
 
 
 class Runner:
@@ -66,6 +72,10 @@ class Runner:
             and with batch size 0 when images leave a queue without a step (deadline, budget).
         trim_interval_s: when the queues run empty, at most this often (seconds; 0 = never)
             hand the C heap's free pages back to the system (:func:`release_free_heap`).
+        auditor: samples answered ``auditable`` images for the last exit (``server.engine.audit``);
+            None: no audits. ``max_audit_held``: audited images held at once.
+        watch: told of confidences, answers and audits (:class:`StepWatch`); audit steps are
+            not reported to ``on_step`` (they are no request's work).
 
     Raises:
         ValueError: ``model_threads`` below 1, or an unknown backend (naming the registered ones).
@@ -83,7 +93,8 @@ class Runner:
 
     def __init__(self, checkpoint: Checkpoint, *, max_batch_size: int, max_queue_delay_s: float,
                  max_queue_size: int, torch_threads: int, backend: str = "torch", model_threads: int = 1,
-                 on_step: Callable[[int, int, float, list[int]], None] | None = None, trim_interval_s: float = 10.0):
+                 on_step: Callable[[int, int, float, list[int]], None] | None = None, trim_interval_s: float = 10.0,
+                 auditor: Auditor | None = None, max_audit_held: int = 256, watch: StepWatch | None = None):
         if model_threads < 1:
             raise ValueError(f"model_threads must be at least 1, got {model_threads}")
         self.model = checkpoint.model.eval()
@@ -95,8 +106,9 @@ class Runner:
         self.torch_threads = torch_threads
         self.model_threads = model_threads
         self.scheduler = BlockScheduler(self.num_exits, max_batch_size, max_queue_delay_s, max_queue_size,
-                                        LatencyModel(self.num_exits))
+                                        LatencyModel(self.num_exits), auditor=auditor, max_audit_held=max_audit_held)
         self.on_step = on_step
+        self.watch = watch
         self._cv = threading.Condition()
         self._stop = False
         self._threads: list[threading.Thread] = []
@@ -107,19 +119,23 @@ class Runner:
 
     # ---- event-loop side -------------------------------------------------
     def submit(self, images: list[np.ndarray], policies: list, deadlines: list[float | None],
-               arrival: float, on_done: Callable[[Task, Outcome], None] | None = None) -> list[asyncio.Future]:
+               arrival: float, on_done: Callable[[Task, Outcome], None] | None = None, auditable: bool = False,
+               keys: list[str | None] | None = None) -> list[asyncio.Future]:
         """Queue images; returns one future per image resolving to :class:`Finished`.
         Cancelling a future (its request's client left) stops its image before its
         next block: it leaves with ``Outcome.CANCELLED`` and ``on_done`` is told.
+        ``auditable``: the auditor may sample them (``/classify`` images); ``keys``:
+        one request id per image (or None) for the watch.
 
         Raises:
             scheduler.QueueFull: when the queue cannot take them all.
         """
         loop = asyncio.get_running_loop()
         tasks, futures = [], []
-        for image, policy, deadline in zip(images, policies, deadlines):
+        for i, (image, policy, deadline) in enumerate(zip(images, policies, deadlines)):
             fut = loop.create_future()
-            task = Task(arrival=arrival, policy=policy, deadline=deadline, state=ImageData(image, fut, loop, on_done))
+            task = Task(arrival=arrival, policy=policy, deadline=deadline, state=ImageData(image, fut, loop, on_done),
+                        auditable=auditable, key=keys[i] if keys is not None else None)
             fut.add_done_callback(functools.partial(_mark_cancelled, task))
             tasks.append(task)
             futures.append(fut)
@@ -244,6 +260,7 @@ class Runner:
         return parts[0] if len(parts) == 1 else MSDState.cat(parts)
 
     def _run(self, block: int, batch: list[Task]) -> None:
+        audit_step = batch[0].audit  # an audit step holds audited images only
         t0 = time.perf_counter()
         state = self._gather(block, batch)
         logits, new_state = self.backend.advance(state)
@@ -259,21 +276,46 @@ class Runner:
             depths = [self.scheduler.depth(b) for b in range(self.num_exits)]
             if self.model_threads > 1 and any(depths):
                 self._cv.notify()  # images went on to the next block: an idle thread may take them
-        if self.on_step is not None:
-            self.on_step(block, len(batch), seconds, depths)
+        if audit_step:
+            if self.watch is not None:
+                self.watch.audit_step(block, len(batch), seconds)
+        else:
+            if self.watch is not None:
+                self.watch.confidences(block, conf)
+            if self.on_step is not None:
+                self.on_step(block, len(batch), seconds, depths)
         self._finish_all(finished)
+        sampled = [t for t, o in finished if t.audit and o is not Outcome.AUDITED]
+        if sampled:  # answered: now they may wait for an audit step
+            with self._cv:
+                self.scheduler.queue_audits(sampled)
+                self._cv.notify()
 
     def _finish_all(self, finished: list[tuple[Task, Outcome]]) -> None:
         """Answer the images that left: one wake-up per event loop, not per image
         (``call_soon_threadsafe`` writes to the loop's self-pipe: a system call)."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        watch = self.watch
         for task, outcome in finished:
             data: ImageData = task.state
+            if outcome is Outcome.AUDITED:  # its answer went out when it left; the watch hears the last exit's
+                data.batch_state = None
+                if watch is not None:
+                    finite = task.confidence == task.confidence
+                    watch.audited(task, data.served_exit, data.served_class,
+                                  int(np.argmax(data.probs)) if finite else None)
+                continue
             k = task.exits_done
             result = Finished(outcome, k, data.probs, self.exit_flops[k - 1] if k else 0, task.confidence)
-            data.batch_state = None  # free the features
+            if task.audit:  # sampled (not queued yet): keep a copy of its own row; the step's state is freed
+                data.served_exit, data.served_class = k, int(np.argmax(data.probs))
+                data.batch_state, data.row = data.batch_state.select([data.row]), 0
+            else:
+                data.batch_state = None  # free the features
             if data.on_done is not None:
                 data.on_done(task, outcome)
+            if watch is not None:
+                watch.answered(task, result)
             by_loop.setdefault(data.loop, []).append((data.future, result))
         for loop, answers in by_loop.items():
             loop.call_soon_threadsafe(_set_results, answers)

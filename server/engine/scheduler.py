@@ -14,6 +14,11 @@ an image starts at once, under load batches grow. Deeper queues run at once. Bet
 steps of deeper blocks a ready block-1 queue always gets a turn, so new arrivals
 never wait behind a running batch's deeper blocks for more than one step.
 
+Audited images (``Task.audit``: answered at an early exit, sampled by an
+:class:`~server.engine.audit.Auditor` to be carried on to the last exit) wait in
+separate queues (:class:`~server.engine.audit.AuditQueues`) and run only when the
+scheduler holds no regular image, queued or running, and the auditor is open.
+
 Times are seconds on a monotonic clock; FLOPs are multiply-accumulates of convs
 and linears (MSDNet paper convention), cumulative per exit.
 """
@@ -27,8 +32,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .audit import AuditQueues
+
 if TYPE_CHECKING:
     import numpy as np
+
+    from .audit import Auditor
 
 
 class QueueFull(Exception):
@@ -49,6 +58,8 @@ class Outcome(enum.Enum):
     EXPIRED = "expired"       # deadline passed before exit 1 could run: nothing computed
     NON_FINITE = "non_finite"  # the exit's logits are NaN or infinite: no answer, no further block
     CANCELLED = "cancelled"   # its client left (the request was cancelled): no further block
+    AUDITED = "audited"       # an audited image reached the last exit (or a non-finite output): its answer
+    #                           had gone out when it left; nothing to answer now
 
 
 @dataclass
@@ -93,6 +104,10 @@ class Task:
         state: the runner's opaque per-image data (features, logits).
         cancelled: its request was cancelled (the client left): it runs no further
             block and leaves with ``CANCELLED`` when next chosen or completed.
+        auditable: a ``/classify`` image: the auditor may sample it when it leaves early.
+        audit: answered already and carried on to the last exit with spare capacity
+            (``exits_done`` and ``confidence`` then follow the audit, not the answer).
+        key: the request id, for the accuracy watch (None: none).
     """
 
     arrival: float
@@ -102,6 +117,9 @@ class Task:
     confidence: float | None = None
     state: Any = None
     cancelled: bool = False
+    auditable: bool = False
+    audit: bool = False
+    key: str | None = None
     id: int = field(default_factory=itertools.count().__next__)
 
 
@@ -178,10 +196,14 @@ class BlockScheduler:
         latency: the step-time model used for deadlines.
         adaptive_wait: block 1 waits only while another image is expected within
             ``max_queue_delay_s`` at the recent arrival rate (False: always waits).
+        auditor: samples answered images for the last exit (None: no audits).
+        max_audit_held: audited images held at once (the oldest is dropped past it).
+        max_audit_batch: images per audit step (default: ``max_batch_size`` // 4, at least 1).
     """
 
     def __init__(self, num_blocks: int, max_batch_size: int, max_queue_delay_s: float, max_queue_size: int,
-                 latency: LatencyModel | None = None, adaptive_wait: bool = True):
+                 latency: LatencyModel | None = None, adaptive_wait: bool = True, auditor: Auditor | None = None,
+                 max_audit_held: int = 256, max_audit_batch: int | None = None):
         self.num_blocks = num_blocks
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -192,6 +214,8 @@ class BlockScheduler:
         self.queues: list[deque[Task]] = [deque() for _ in range(num_blocks)]
         self.in_flight = 0  # images in the scheduler, queued or running
         self._last_block = -1
+        self.auditor = auditor
+        self.audits = AuditQueues(num_blocks, max_audit_held, max_audit_batch or max(1, max_batch_size // 4))
 
     def depth(self, block: int) -> int:
         """Images waiting at ``block`` (0-based)."""
@@ -240,7 +264,7 @@ class BlockScheduler:
         ready = [b for b in range(self.num_blocks) if self._ready(b, now)]
         if not ready:
             if not self.queues[0]:
-                return None
+                return self._audit_step()
             return max(0.0, self.queues[0][0].arrival + self.block1_wait() - now)
         if 0 in ready and self._last_block != 0:
             block = 0
@@ -267,6 +291,13 @@ class BlockScheduler:
         self.in_flight -= len(finished)
         return block, kept, finished
 
+    def _audit_step(self) -> tuple[int, list[Task], list] | None:
+        """An audit step, only with spare capacity: no regular image queued or running."""
+        if self.in_flight > 0 or self.auditor is None or not self.auditor.open:
+            return None
+        step = self.audits.take()
+        return None if step is None else (step[0], step[1], [])
+
     def _take(self, block: int) -> list[Task]:
         """The next batch of ``block``'s queue: in arrival order, except that when
         more images wait than a step takes, images with a deadline go first,
@@ -288,35 +319,65 @@ class BlockScheduler:
         returned with their outcome; the rest are queued at the next block.
         A NaN confidence means the network's output for that image is not
         finite: it leaves with ``NON_FINITE`` (a deeper block cannot mend it).
+        An image leaving ``CONFIDENT`` may be sampled for audit (``task.audit``
+        set; it is returned all the same, its answer goes out, and it waits for
+        audit steps once the caller passes it to :meth:`queue_audits`); an audited
+        image reaching the last exit (or a non-finite output) is returned ``AUDITED``.
         """
         if batch:
             self.latency.observe(block, len(batch), seconds)
         finished = []
+        audited = 0
         for task, conf in zip(batch, confidences):
             task.exits_done = block + 1
             task.confidence = conf
-            if conf != conf:  # NaN
+            if task.audit:
+                if conf != conf or task.exits_done == self.num_blocks:
+                    finished.append((task, Outcome.AUDITED))
+                    audited += 1
+                else:
+                    self.audits.requeue(task, block + 1)
+            elif conf != conf:  # NaN
                 finished.append((task, Outcome.NON_FINITE))
             elif task.exits_done == self.num_blocks:
                 finished.append((task, Outcome.LAST_EXIT))
             elif task.policy.leaves(task, conf):
                 finished.append((task, Outcome.CONFIDENT))
+                self._sample(task)
             elif task.cancelled:
                 finished.append((task, Outcome.CANCELLED))
             else:
                 self.queues[block + 1].append(task)
-        self.in_flight -= len(finished)
+        self.in_flight -= len(finished) - audited
+        self.audits.release(audited)
         return finished
+
+    def _sample(self, task: Task) -> None:
+        """Ask the auditor whether ``task``, leaving early, is carried on to the last exit."""
+        if not task.auditable or task.cancelled or self.auditor is None or not self.auditor.wants(task):
+            return
+        task.audit, task.deadline = True, None
+        dropped = self.audits.reserve()
+        if dropped is not None:
+            self.auditor.dropped(dropped)
+
+    def queue_audits(self, tasks: list[Task]) -> None:
+        """Sampled images, answered now, wait for audit steps at their next block."""
+        for task in tasks:
+            self.audits.requeue(task, task.exits_done)
 
     def fail(self, batch: list[Task]) -> None:
         """Forget a step's images whose block failed (the runner answers them with
-        the error); they no longer count towards ``max_queue_size``."""
-        self.in_flight -= len(batch)
+        the error); they no longer count towards ``max_queue_size`` (or the audit bound)."""
+        audits = sum(t.audit for t in batch)
+        self.in_flight -= len(batch) - audits
+        self.audits.release(audits)
 
     def drain(self) -> list[Task]:
-        """Remove and return every queued image (shutdown)."""
+        """Remove and return every queued regular image (shutdown); held audits are dropped."""
         tasks = [t for q in self.queues for t in q]
         for q in self.queues:
             q.clear()
         self.in_flight -= len(tasks)
+        self.audits.drain()
         return tasks

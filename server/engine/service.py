@@ -25,8 +25,11 @@ from ..budget.controller import BudgetController
 from ..budget.keeper import BudgetKeeper
 from ..budget.objective import OPEN, Admission, LatencyObjective
 from ..budget.policies import BudgetPolicy, ThresholdPolicy
+from ..logs import request_id as current_request_id
 from ..metrics import Metrics
 from ..settings import Settings
+from ..watch.feedback import Labelled
+from ..watch.monitor import build_watch
 from .interface import BatchOutcome, BudgetReport, check_admission
 from .scheduler import Finished, Outcome, QueueFull, Task
 
@@ -73,11 +76,16 @@ class Service:
                                       horizon=settings.controller_horizon,
                                       bias_halflife=settings.controller_bias_halflife)
         self.keeper = BudgetKeeper(controller, cal.thresholds, settings.controller, on_change=self._export_budget)
+        card_top1 = checkpoint.card.val_top1
+        self.watch = build_watch(self.metrics, self.exit_flops, cal, card_top1[-1] if card_top1 else None,
+                                 share=settings.agreement_sample, max_flops_share=settings.agreement_max_flops_share,
+                                 store_size=settings.feedback_store_size)
         model_threads, torch_threads = settings.engine_threads(self.exit_flops[-1])
         self.runner = Runner(checkpoint, max_batch_size=settings.engine_batch(self.exit_flops[0]),
                              max_queue_delay_s=settings.max_queue_delay_ms / 1e3,
                              max_queue_size=settings.max_queue_size, torch_threads=torch_threads,
-                             backend=settings.backend, on_step=self._on_step, model_threads=model_threads)
+                             backend=settings.backend, on_step=self._on_step, model_threads=model_threads,
+                             auditor=self.watch, max_audit_held=settings.agreement_max_held, watch=self.watch)
         log.info("engine: %d model thread(s) x %d intra-op thread(s), batches of up to %d, backend %s, "
                  "exit 1 %.1f and last exit %.1f MFLOPs", model_threads, torch_threads,
                  self.runner.scheduler.max_batch_size, settings.backend, self.exit_flops[0] / 1e6,
@@ -170,6 +178,8 @@ class Service:
         m.fleet_realised.set(fleet_mean if fleet_mean is not None else (c.realised_mean or 0.0))
         for k, th in enumerate(keeper.thresholds(), start=1):
             m.threshold.labels(exit=str(k)).set(th)
+        m.controller_bias.set(c.bias)
+        self.watch.set_target(c.in_force, lambda target: keeper.point_for(target).thresholds)
 
     # ---- engine callbacks (model thread) ----------------------------------------
     def _on_step(self, block: int, n: int, seconds: float, depths: list[int]) -> None:
@@ -206,6 +216,7 @@ class Service:
             changed = obj.update(now, self.forecast_wait(depths) + (total / n if n else 0.0), self._model_threads)
             view, admission = obj.view(), obj.admission(obj.wait_s)
             degraded_s, self._degraded_s = obj.degraded_s - self._degraded_s, obj.degraded_s
+        self.watch.sampler.paused = view.state != "steady"  # no audit work unless the objective is at ease
         if changed:
             degraded = view.in_force_flops < view.configured_flops
             self.keeper.set_in_force(view.in_force_flops if degraded else math.inf)
@@ -269,12 +280,13 @@ class Service:
         self.metrics.flops.labels(endpoint="/batch").inc(self.exit_flops[task.exits_done - 1])
 
     # ---- requests -------------------------------------------------------------------
-    def _submit(self, images, policies, deadlines, started, on_done):
+    def _submit(self, images, policies, deadlines, started, on_done, key: str | None = None, auditable: bool = False):
         ages = self._ages  # how old requests are when they reach the engine (the objective's loop)
         ages[0] += time.monotonic() - started
         ages[1] += 1
-        try:
-            return self.runner.submit(images, policies, deadlines, started, on_done)
+        try:  # /classify images may be audited; a one-image request's answer is kept for feedback
+            return self.runner.submit(images, policies, deadlines, started, on_done, auditable=auditable,
+                                      keys=[key] if key is not None else None)
         except QueueFull as exc:
             raise errors.Overloaded(str(exc), headers={"Retry-After": str(math.ceil(exc.retry_after_s))},
                                     retry_after_s=exc.retry_after_s) from exc
@@ -289,12 +301,15 @@ class Service:
             self.metrics.client_gone.inc()
             raise
 
-    async def classify(self, images: list[np.ndarray], deadline_ms: float | None, started: float) -> list[Finished]:
+    async def classify(self, images: list[np.ndarray], deadline_ms: float | None, started: float,
+                       request_id: str | None = None) -> list[Finished]:
         """Anytime inference (paper §5.1) on decoded images, each float32 (C, H, W)
         as :meth:`decode` returns: each leaves at its first exit whose confidence
         reaches the threshold in force, or the deepest one ``deadline_ms``
         (milliseconds from ``started``, the request's arrival) allows. Every image
         feeds the budget controller. All images finish before an error is raised.
+        A one-image request's answer is kept for :meth:`feedback` under
+        ``request_id`` (default: the HTTP request's id).
 
         Raises:
             errors.Overloaded: queue full (503).
@@ -305,7 +320,9 @@ class Service:
         n = len(images)
         if deadline_ms is not None:
             self.metrics.deadline_requests.inc(n)
-        futures = self._submit(images, [self._classify_policy] * n, [deadline] * n, started, self._on_classify_done)
+        rid = current_request_id.get() if request_id is None else request_id
+        futures = self._submit(images, [self._classify_policy] * n, [deadline] * n, started, self._on_classify_done,
+                               rid if n == 1 and rid != "-" else None, auditable=True)
         done: list[Finished] = list(await self._gather(futures))
         in_force = self.keeper.in_force
         degraded = in_force < self.keeper.target
@@ -318,6 +335,16 @@ class Service:
                 raise errors.DeadlineExceeded(f"deadline of {deadline_ms:g} ms passed before exit 1 could run; "
                                               "nothing was computed", deadline_ms=deadline_ms)
         return [_answer(f) for f in done]
+
+    async def feedback(self, request_id: str, label: int) -> Labelled:
+        """Score request ``request_id``'s answer against its true class ``label`` (a class
+        id, checked by the caller); async like :class:`server.ipc.client.EngineClient`'s.
+
+        Raises:
+            errors.UnknownRequest: (404) no answer of that id is held.
+            errors.AlreadyLabelled: (409) it was labelled already.
+        """
+        return self.watch.feedback(request_id, label)
 
     def _check_budget(self, budget: float, n: int) -> None:
         minimum = n * self.exit_flops[0]

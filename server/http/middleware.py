@@ -17,7 +17,7 @@ from .responses import count_rejection, error_response
 
 log = logging.getLogger("msdnet.http")
 
-ROUTE_LABELS = {"/classify", "/batch", "/budget", "/healthz", "/readyz", "/metrics"}
+ROUTE_LABELS = {"/classify", "/batch", "/budget", "/feedback", "/healthz", "/readyz", "/metrics"}
 LAG_INTERVAL_S = 0.01
 
 

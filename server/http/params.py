@@ -91,6 +91,24 @@ def request_id(raw: bytes | None) -> str:
     return uuid.uuid4().hex[:16]
 
 
+def label(value, classes) -> int:
+    """A true label as a class id: a JSON integer in ``[0, len(classes))`` or a class
+    name exactly as the model spells it (``classes``).
+
+    Raises:
+        errors.InvalidParameter: (422, ``field="label"``) for anything else (booleans,
+            floats, ids out of range, unknown names), naming the valid ones.
+    """
+    n = len(classes)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n:
+        return value
+    if isinstance(value, str) and value in classes:
+        return list(classes).index(value)
+    names = ", ".join(repr(c) for c in list(classes)[:10]) + (", ..." if n > 10 else "")
+    raise errors.InvalidParameter(f"label must be a class id 0..{n - 1} or a class name ({names}), got {_show(value)}",
+                                  field="label")
+
+
 def image_count(n: int, limit: int, where: str = "request") -> None:
     """Refuse a request with more than ``limit`` images (``where``: "/batch" or "request", for the message).
 

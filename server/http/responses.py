@@ -16,14 +16,17 @@ import numpy as np
 from fastapi.responses import JSONResponse
 
 from .. import errors
-from ..engine.interface import BatchOutcome, BudgetReport, Engine, Finished
+from ..engine.interface import BatchOutcome, BudgetReport, Engine, Finished, Labelled
 from ..metrics import Metrics
 from .schemas import ErrorBody
 
 log = logging.getLogger("msdnet.http")
 
 ERROR_MEANING = {400: "Bad image data, bad base64 or a malformed body", 401: "Missing or wrong bearer token",
-                 403: "Budget changes are disabled", 404: "Unknown model, version or endpoint",
+                 403: "Budget changes are disabled",
+                 404: "Unknown model, version or endpoint; for /feedback: no answer of that request id is held "
+                      "(unknown, not a one-image /classify answer, or forgotten)",
+                 409: "That answer was labelled already",
                  408: "The request was not received in time",
                  413: "Body, image count or image pixels over a limit", 415: "Unsupported content type or format",
                  422: "Invalid parameter, budget below the minimum, or a non-finite network output",
@@ -84,6 +87,14 @@ def batch_result(engine: Engine, out: BatchOutcome, started: float, top_k: int) 
                for r in out.results]
     return {"results": results, "flops_used": out.flops_used, "flops_budget": out.flops_budget,
             "exit_counts": out.exit_counts}
+
+
+def feedback_result(out: Labelled) -> dict:
+    """A ``POST /feedback`` answer (:class:`server.http.schemas.FeedbackResult`)."""
+    last = out.last_class
+    return {"request_id": out.request_id, "label": out.label, "exit": out.exit, "class_id": out.served_class,
+            "correct": out.served_class == out.label, "audited": out.audited, "last_exit_class_id": last,
+            "last_exit_correct": None if last is None else last == out.label}
 
 
 def budget_state(report: BudgetReport) -> dict:

@@ -1,4 +1,4 @@
-"""The native routes: ``/classify``, ``/batch``, ``/budget``, health and metrics.
+"""The native routes: ``/classify``, ``/batch``, ``/budget``, ``/feedback``, health and metrics.
 
 Each route parses its request with :mod:`server.http.params` (one rule per
 parameter), calls the engine (server.engine.interface) and shapes the typed result with
@@ -23,7 +23,7 @@ from .. import errors
 from ..settings import Settings
 from . import decoding, params
 from .deps import AppMetrics, AppSettings, ReadyEngine, arrival
-from .responses import batch_result, budget_state, classify_result, error_responses
+from .responses import batch_result, budget_state, classify_result, error_responses, feedback_result
 from .schemas import (
     BatchRequest,
     BatchResult,
@@ -31,6 +31,8 @@ from .schemas import (
     BudgetUpdate,
     ClassifyRequest,
     ClassifyResult,
+    FeedbackRequest,
+    FeedbackResult,
     Readiness,
     Status,
 )
@@ -182,6 +184,22 @@ async def put_budget(request: Request, engine: ReadyEngine, settings: AppSetting
         raise errors.InvalidParameter(str(exc), field="target_flops") from None
     log.info("budget target set to %.0f FLOPs per request", body.target_flops)
     return budget_state(await engine.budget())
+
+
+@router.post("/feedback", response_model=FeedbackResult, responses=error_responses(404, 408, 409, 413, 415, 422, 503),
+             openapi_extra={"requestBody": {"required": True,
+                                            "content": {"application/json": _json_doc(FeedbackRequest)}}},
+             summary="The true label of an earlier /classify answer")
+async def feedback(request: Request, engine: ReadyEngine) -> dict:
+    """Labels often arrive later: the newest ``MSDNET_FEEDBACK_STORE_SIZE`` one-image
+    /classify answers are kept by request id (the ``X-Request-ID`` echoed on each
+    answer). Counts whether the answered class (and, for an audited answer, the last
+    exit's) was right, per exit (``msdnet_feedback_total``, ``msdnet_feedback_last_exit_total``)."""
+    if params.content_type(request.headers) != "application/json":
+        raise errors.UnsupportedMedia("send application/json: {\"request_id\": ..., \"label\": ...}")
+    body = await params.json_body(request, FeedbackRequest)
+    label = params.label(body.label, engine.classes)
+    return feedback_result(await engine.feedback(body.request_id, label))
 
 
 @router.get("/healthz", summary="Liveness", response_model=Status, responses=error_responses())

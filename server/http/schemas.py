@@ -136,3 +136,27 @@ class Status(BaseModel):
 class Readiness(BaseModel):
     status: str = Field(description="'ready'.")
     num_exits: int
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"request_id": "3f9c2a7d1b5e4c60", "label": "Ankle boot"}]})
+    request_id: str = Field(min_length=1, max_length=128, description="The X-Request-ID of the /classify answer "
+                            "being labelled (echoed on every answer; send your own to choose it).")
+    label: int | str = Field(description="The true class: its id (0..num_classes-1) or its name.")
+
+
+class FeedbackResult(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "request_id": "3f9c2a7d1b5e4c60", "label": 9, "exit": 1, "class_id": 9, "correct": True, "audited": True,
+        "last_exit_class_id": 9, "last_exit_correct": True}]})
+    request_id: str
+    label: int = Field(description="The true class id.")
+    exit: int = Field(description="1-based exit the answer left at.")
+    class_id: int = Field(description="The class answered.")
+    correct: bool = Field(description="Whether the answered class is the label.")
+    audited: bool = Field(description="Whether the request was sampled to be carried on to the last exit "
+                                      "(MSDNET_AGREEMENT_SAMPLE).")
+    last_exit_class_id: int | None = Field(description="The last exit's class when audited and its audit has "
+                                           "finished; null otherwise (a finishing audit is scored later).")
+    last_exit_correct: bool | None = Field(description="Whether the last exit's class is the label; null as above.")

@@ -19,7 +19,17 @@ import numpy as np
 from model.transforms import InputContract
 
 from .. import errors
-from ..engine.interface import OPEN, BatchOutcome, BudgetReport, BudgetView, Finished, ObjectiveView, check_admission
+from ..engine.interface import (
+    OPEN,
+    BatchOutcome,
+    BudgetReport,
+    BudgetView,
+    Finished,
+    Labelled,
+    ObjectiveView,
+    check_admission,
+)
+from ..logs import request_id as current_request_id
 from ..metrics import Metrics
 from ..settings import Settings
 from . import wire
@@ -206,8 +216,9 @@ class EngineClient:
             timeout_s = started + deadline_ms / 1e3 + self.DEADLINE_GRACE_S - time.monotonic()
             late = errors.DeadlineExceeded(f"the engine process did not answer within the deadline of "
                                            f"{deadline_ms:g} ms", deadline_ms=deadline_ms)
-        reply, probs = await self._call({"op": "classify", "deadline_ms": deadline_ms, "started": started},
-                                        np.stack(images), timeout_s, late)
+        rid = current_request_id.get()  # the engine keeps the answer for POST /feedback to any worker
+        reply, probs = await self._call({"op": "classify", "deadline_ms": deadline_ms, "started": started,
+                                         "rid": None if rid == "-" else rid}, np.stack(images), timeout_s, late)
         return wire.finished_from_wire(reply["results"], probs)
 
     async def batch(self, items: list[np.ndarray | errors.ServiceError], flops_budget: float | None,
@@ -228,6 +239,16 @@ class EngineClient:
         v, o = reply["view"], reply.get("objective")
         return BudgetReport(BudgetView(**{**v, "thresholds": tuple(v["thresholds"])}), reply["mode"],
                             reply["fleet_realised_flops"], ObjectiveView(**o) if o else None)
+
+    async def feedback(self, request_id: str, label: int) -> Labelled:
+        """As :meth:`server.engine.service.Service.feedback`, by the engine process (it holds every worker's answers).
+
+        Raises:
+            errors.UnknownRequest: (404) no answer of that id is held.
+            errors.AlreadyLabelled: (409) it was labelled already.
+        """
+        reply, _ = await self._call({"op": "feedback", "request_id": request_id, "label": int(label)})
+        return Labelled(**reply["labelled"])
 
     async def set_target(self, target: float) -> None:
         """Raises: ValueError: outside [exit 1's cost, last exit's cost] (as the service's)."""

@@ -60,7 +60,7 @@ class EngineServer:
             if op == "hello":
                 return self.hello(), None
             if op == "classify":
-                done = await s.classify(list(images), header.get("deadline_ms"), header["started"])
+                done = await s.classify(list(images), header.get("deadline_ms"), header["started"], header.get("rid"))
                 rows, probs = wire.finished_to_wire(done, len(s.classes))
                 return {"results": rows}, probs
             if op == "batch":
@@ -86,6 +86,9 @@ class EngineServer:
                 except ValueError as exc:
                     raise errors.InvalidParameter(str(exc), field="target_flops") from None
                 return {}, None
+            if op == "feedback":
+                out = await s.feedback(str(header["request_id"]), int(header["label"]))
+                return {"labelled": out.__dict__}, None
             raise errors.BadRequest(f"unknown engine operation {op!r}")
         except errors.ServiceError as exc:
             return {"error": wire.error_to_wire(exc)}, None

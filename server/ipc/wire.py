@@ -8,12 +8,13 @@ one way, ``(N, num_classes)`` probabilities the other. Nothing is pickled: the
 array is ``ndarray.tobytes()`` and is read back with ``np.frombuffer`` (no copy).
 Pure apart from :func:`read`: numpy, msgpack and an ``asyncio.StreamReader``.
 
-Requests (header ``op``): ``hello``, ``classify``, ``batch``, ``budget``,
-``set_target``. Every reply carries the request's ``id`` and either the result
-fields or ``error`` (a :class:`server.errors.ServiceError` as a dict). One
-message has no reply: ``cancel`` (header ``cancels``: the id of an earlier
-request on the same connection whose client left; its images run no further
-block).
+Requests (header ``op``): ``hello``, ``classify`` (with the HTTP request's id,
+``rid``, for feedback), ``batch``, ``budget``, ``set_target``, ``feedback``
+(``request_id``, ``label``: the engine holds the answers of every worker).
+Every reply carries the request's ``id`` and either the result fields or
+``error`` (a :class:`server.errors.ServiceError` as a dict). One message has no
+reply: ``cancel`` (header ``cancels``: the id of an earlier request on the same
+connection whose client left; its images run no further block).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from .. import errors
 from ..engine.interface import Finished, Outcome
 
-OPS = ("hello", "classify", "batch", "budget", "set_target", "cancel")
+OPS = ("hello", "classify", "batch", "budget", "set_target", "feedback", "cancel")
 PREFIX = struct.Struct("<II")  # header bytes, array bytes
 MAX_HEADER_BYTES = 1 << 20     # a header is a few hundred bytes; more means the stream is corrupt
 MAX_ARRAY_BYTES = 1 << 31      # decoded images are the model's input size: far below this

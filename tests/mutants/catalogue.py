@@ -33,6 +33,7 @@ LATE = (B + "test_deadline_met_is_false_when_the_answer_comes_late",)
 ARRIVAL = (B + "test_the_deadline_counts_from_the_requests_arrival",)
 V2 = ("tests/test_v2.py::test_encoded_images_match_classify",)
 R = "tests/test_robustness.py::"
+AW = "tests/test_accuracy_watch.py::"
 G = "tests/test_mutant_guards.py::"
 DP = "tests/test_drain_protocol.py::"
 SL = "tests/test_stop_under_load.py::"
@@ -389,4 +390,25 @@ MUTANTS = [
            "Ctrl-C or kill -- -PGID stops the engine with the workers: what they still send it gets 503"),
     Mutant("objective-no-ticker", "server/engine/service.py", "while not self._ticking.wait(interval):",
            "while False:", ("tests/test_overload_http.py",), "a refusal never ends when no step runs"),
+    # ---- issue 24: the accuracy watch ---------------------------------------------------------------------------
+    Mutant("audit-beside-requests", "server/engine/scheduler.py",
+           "if self.in_flight > 0 or self.auditor is None or not self.auditor.open:",
+           "if self.auditor is None or not self.auditor.open:", (AW + "test_audit_steps_run_only_when_no_regular_"
+                                                                    "image_is_queued_or_running",),
+           "audit steps run while a request's image is running (spare capacity ignored)"),
+    Mutant("audit-ignores-closed", "server/engine/scheduler.py",
+           "if self.in_flight > 0 or self.auditor is None or not self.auditor.open:",
+           "if self.in_flight > 0 or self.auditor is None:", (AW + "test_no_audit_step_while_the_auditor_is_closed",),
+           "audit steps run while the latency objective degrades"),
+    Mutant("audit-no-flops-cap", "server/watch/sampler.py", "            if self.credit < cost:",
+           "            if False:", (AW + "test_audit_flops_stay_within_their_share_of_the_served_flops",),
+           "audits are not bounded by their share of the served FLOPs"),
+    Mutant("audit-unbounded", "server/engine/audit.py", "        if self.held >= self.max_held:",
+           "        if False:", (AW + "test_audits_are_bounded_dropping_the_oldest_and_never_count_against_the_queue",),
+           "audited images held without bound"),
+    Mutant("audit-counts-as-request", "server/engine/scheduler.py",
+           "        self.in_flight -= len(finished) - audited\n",
+           "        self.in_flight -= len(finished)\n", (AW + "test_an_audited_image_is_answered_then_runs_on_to_the_"
+                                                          "last_exit_apart",),
+           "a finished audit is taken off the requests in flight (the queue bound and spare capacity go wrong)"),
 ]

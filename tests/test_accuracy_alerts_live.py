@@ -64,7 +64,7 @@ def test_agreement_alert_fires_on_shifted_images(tmp_path):
             sent += 20
             time.sleep(0.2)  # spare capacity between the bursts: the audits run then
             rules = {r["name"]: r for r in prom.rules()}
-            assert all(r["health"] == "ok" for r in rules.values()), rules
+            assert all(r["health"] in ("ok", "unknown") for r in rules.values()), rules  # unknown: not yet evaluated
             state = rules["MsdnetAgreementBelowCalibration"]["state"]
         alert = rules["MsdnetAgreementBelowCalibration"]["alerts"][0]
         assert float(alert["value"]) > 0.05  # points of agreement below what calibration expects

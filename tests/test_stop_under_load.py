@@ -122,8 +122,16 @@ def running(srv: LiveServer, folder: Path):
     """``srv`` started, its model steps held until ``folder/release``. The block must
     stop it: then it exits 0 and none of the processes it had started (its process
     tree, taken at the start) is left. Whatever happens, the steps are released
-    before the server is left (a server held forever could not drain)."""
+    before the server is left (a server held forever could not drain).
+
+    Ready means one worker answers ``/readyz``; the block starts only once every
+    worker has started its application, so that a signal finds each one draining
+    (one still importing when the signal came died of it without a drain: CI saw a
+    single "Shutting down") and the process tree taken here is whole."""
     with srv:
+        workers = int(srv.env["MSDNET_WORKERS"])
+        wait_for(lambda: srv.read_log().count("Application startup complete") >= workers,
+                 f"all {workers} HTTP processes to start", timeout_s=180)
         tree = process_tree(srv.proc.pid)
         assert tree, "an engine, workers and decoding processes were expected"
         try:

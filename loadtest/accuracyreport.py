@@ -80,11 +80,11 @@ def section(res: dict) -> str:
     lines += table(["goal", "reached", "met"], [[g, f, yes(m) if m is not None else "–"] for g, f, m in goals(res)])
     lines += ["", "## What each shift does to the answers (offline, 10,000 test images)", "",
               "Thresholds from the calibration curve's point whose mean cost on the shifted images is at most the "
-              "target (what the controller converges to); the controller's bias is then the target minus that "
-              "point's validation cost. 'Must flag': served − last moves by more than 1 point or agreement by more "
-              "than 5 points against the clean images.", ""]
+              "target (what the controller converges to); the curve's residual is then about the target minus "
+              "that point's validation cost. 'Must flag': served − last moves by more than 1 point or agreement "
+              "by more than 5 points against the clean images.", ""]
     lines += table(["images", "last exit top-1", "served top-1", "served − last (points)", "served = last exit's",
-                    "mean confidence, exit 1", "controller bias / target", "must flag"],
+                    "mean confidence, exit 1", "curve residual / target", "must flag"],
                    [[name, _pct(f["last_top1"]), _pct(f["served_top1"]),
                      _points(100 * (f["served_top1"] - f["last_top1"])), _pct(f["agreement"]),
                      f"{f['mean_confidence_exit1']:.3f}", _pct(f.get("bias_ratio_expected"), 1),

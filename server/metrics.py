@@ -123,10 +123,11 @@ class Metrics:
                                           "threshold of each exit for the target in force (what "
                                           "msdnet_exit_threshold would be on calibration-like images).", ["exit"],
                                           registry=r, **last)
-        self.controller_bias = Gauge("msdnet_controller_bias_flops_per_request", "The budget controller's bias: "
-                                     "mean FLOPs per request spent above the calibration curve's prediction for "
-                                     "the thresholds in force (smoothed over ~50 requests); the thresholds in "
-                                     "force are the curve's for the target in force minus this.", registry=r, **last)
+        self.curve_residual = Gauge("msdnet_curve_residual_flops_per_request", "Mean FLOPs per /classify answer "
+                                    "spent above what the calibration curve says the thresholds in force cost "
+                                    "(their validation mean), smoothed over ~50 answers: 0 on calibration-like "
+                                    "images; the controller then holds the target with thresholds calibrated for "
+                                    "another budget.", registry=r, **last)
         self.agreement = Counter("msdnet_agreement_total", "Audited /classify images (answered before the last "
                                  "exit, carried on to it afterwards) by the exit they were answered at and whether "
                                  "that answer equals the last exit's.", ["exit", "agree"], registry=r)

@@ -40,7 +40,7 @@ SERVER_METRICS = frozenset({
     "msdnet_engine_busy_ratio", "msdnet_client_gone_requests_total", "msdnet_cancelled_images_total",
     # the accuracy watch (issue 24)
     "msdnet_exit_confidence_bucket", "msdnet_exit_confidence_sum", "msdnet_exit_confidence_count",
-    "msdnet_calibrated_mean_confidence", "msdnet_calibrated_threshold", "msdnet_controller_bias_flops_per_request",
+    "msdnet_calibrated_mean_confidence", "msdnet_calibrated_threshold", "msdnet_curve_residual_flops_per_request",
     "msdnet_agreement_total", "msdnet_agreement_expected_total", "msdnet_calibrated_agreement_ratio",
     "msdnet_audit_flops_total", "msdnet_audit_skipped_total", "msdnet_feedback_total",
     "msdnet_feedback_last_exit_total", "msdnet_calibrated_accuracy_ratio",

@@ -356,3 +356,24 @@ def test_one_rule_for_a_label():
         with pytest.raises(errors.InvalidParameter) as exc:
             label(bad, classes)
         assert exc.value.details == {"field": "label"} and "0..2" in exc.value.message
+
+
+def test_the_curve_residual_is_what_answers_cost_beyond_the_thresholds_in_force():
+    watch, m = make_watch()
+    watch.point_cost = lambda: 15.0  # the thresholds in force cost 15 FLOPs per image on the validation split
+    t = Task(arrival=0.0, policy=policy(), auditable=True)
+    for _ in range(1000):  # answers at exit 2 (20 FLOPs): 5 more than calibrated (half-life 50 answers)
+        watch.answered(t, Finished(Outcome.CONFIDENT, 2, np.eye(4)[0], 20, 0.9))
+    assert value(m, "msdnet_curve_residual_flops_per_request") == pytest.approx(5.0, rel=1e-3)
+    watch.answered(t, Finished(Outcome.DEADLINE, 4, np.eye(4)[0], 40, 0.2))  # the deadline chose that exit
+    assert value(m, "msdnet_curve_residual_flops_per_request") == pytest.approx(5.0, rel=1e-3)
+
+
+def test_keeper_knows_what_the_thresholds_in_force_cost():
+    controller = BudgetController(FLOPS, CURVE, 20.0)
+    keeper = BudgetKeeper(controller, CURVE[1].thresholds)
+    assert keeper.point_cost() == controller.point_cost == 15.0  # the curve's point for 20 FLOPs
+    fixed = BudgetKeeper(BudgetController(FLOPS, CURVE, 20.0), CURVE[1].thresholds, enabled=False)
+    assert fixed.point_cost() == 25.0  # the checkpoint's thresholds: that point
+    fixed.set_in_force(16.0)  # degraded by the latency objective: the curve's point for 16
+    assert fixed.thresholds() == CURVE[0].thresholds and fixed.point_cost() == 15.0

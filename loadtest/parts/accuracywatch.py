@@ -48,7 +48,7 @@ SIGNALS = {  # what the plot draws, as the alert rules compute it
     "agreement_expected": f"sum(increase(msdnet_agreement_expected_total[{W}])) / "
                           f"sum(increase(msdnet_agreement_total[{W}]))",
     "audited_in_window": f"sum(increase(msdnet_agreement_total[{W}]))",
-    "bias_ratio": "max(avg_over_time(msdnet_controller_bias_flops_per_request[1m]) "
+    "residual_ratio": "max(avg_over_time(msdnet_curve_residual_flops_per_request[1m]) "
                   "/ msdnet_target_in_force_flops_per_request)",
     "confidence_exit1": 'sum(rate(msdnet_exit_confidence_sum{exit="1"}[30s])) '
                         '/ sum(rate(msdnet_exit_confidence_count{exit="1"}[30s]))',
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def plot(res: dict, path: Path) -> None:
     """The signals across the phases: agreement live vs expected, the controller's
-    bias, exit 1's mean confidence, labelled top-1; shifts shaded, alerts marked."""
+    curve's residual, exit 1's mean confidence, labelled top-1; shifts shaded, alerts marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,7 +276,7 @@ def plot(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(4, 1, figsize=(12, 10), sharex=True)
     panels = [(("agreement_live", "live"), ("agreement_expected", "calibration expects"), "agreement with the\n"
                f"last exit ({W} window)"),
-              (("bias_ratio", "controller bias / target"), None, "thresholds off the curve\n(bias / target)"),
+              (("residual_ratio", "curve residual / target"), None, "thresholds off the curve\n(residual / target)"),
               (("confidence_exit1", "live"), ("confidence_exit1_calibrated", "calibration"), "mean confidence\nexit 1"),
               (("feedback_served_top1", "served top-1 (labels)"), None, "labelled top-1\n(1 min)")]
     for ax, (first, second, ylabel) in zip(axes, panels):

@@ -121,6 +121,11 @@ class BudgetController:
         return self._point.thresholds
 
     @property
+    def point_cost(self) -> float:
+        """Validation mean FLOPs per image of the thresholds in force (the curve point's cost)."""
+        return self._point.mean_flops
+
+    @property
     def realised_mean(self) -> float | None:
         """Mean FLOPs per request over the last ``window`` requests (None before any)."""
         return self._window_sum / len(self.window) if self.window else None

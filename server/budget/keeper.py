@@ -65,6 +65,9 @@ class BudgetKeeper:
         self.on_change = on_change
         self._lock = threading.Lock()
         self._degraded: tuple[float, ...] | None = None  # with the controller off: the curve's, while degraded
+        self._degraded_cost = 0.0
+        fixed = [p.mean_flops for p in controller.curve if p.thresholds == self.fixed_thresholds]
+        self._fixed_cost = fixed[0] if fixed else controller.target  # the checkpoint's thresholds are a curve point
 
     def thresholds(self) -> tuple[float, ...]:
         """Per-exit thresholds in force (read on the model thread at every exit): the
@@ -73,6 +76,13 @@ class BudgetKeeper:
         if self.enabled:
             return self.controller.thresholds
         return self.fixed_thresholds if self._degraded is None else self._degraded
+
+    def point_cost(self) -> float:
+        """Validation mean FLOPs per image of the thresholds in force (:meth:`thresholds`):
+        what the calibration curve says they cost on calibration-like images."""
+        if self.enabled:
+            return self.controller.point_cost
+        return self._fixed_cost if self._degraded is None else self._degraded_cost
 
     @property
     def target(self) -> float:
@@ -106,7 +116,9 @@ class BudgetKeeper:
 
     def _refresh_degraded(self) -> None:
         c = self.controller
-        self._degraded = None if c.in_force >= c.target else c.point_for(c.in_force).thresholds
+        point = None if c.in_force >= c.target else c.point_for(c.in_force)
+        self._degraded = None if point is None else point.thresholds
+        self._degraded_cost = 0.0 if point is None else point.mean_flops
 
     def set_fleet(self, view: FleetView | None, own_rate: float, horizon: float | None = None) -> None:
         """Steer on the fleet's figures (``view``), or locally with None."""

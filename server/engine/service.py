@@ -79,7 +79,9 @@ class Service:
         card_top1 = checkpoint.card.val_top1
         self.watch = build_watch(self.metrics, self.exit_flops, cal, card_top1[-1] if card_top1 else None,
                                  share=settings.agreement_sample, max_flops_share=settings.agreement_max_flops_share,
-                                 store_size=settings.feedback_store_size)
+                                 store_size=settings.feedback_store_size,
+                                 residual_halflife=settings.controller_bias_halflife)
+        self.watch.point_cost = self.keeper.point_cost
         model_threads, torch_threads = settings.engine_threads(self.exit_flops[-1])
         self.runner = Runner(checkpoint, max_batch_size=settings.engine_batch(self.exit_flops[0]),
                              max_queue_delay_s=settings.max_queue_delay_ms / 1e3,
@@ -178,7 +180,6 @@ class Service:
         m.fleet_realised.set(fleet_mean if fleet_mean is not None else (c.realised_mean or 0.0))
         for k, th in enumerate(keeper.thresholds(), start=1):
             m.threshold.labels(exit=str(k)).set(th)
-        m.controller_bias.set(c.bias)
         self.watch.set_target(c.in_force, lambda target: keeper.point_for(target).thresholds)
 
     # ---- engine callbacks (model thread) ----------------------------------------

@@ -7,7 +7,9 @@ each answer, each audit step and each finished audit, on a model thread. It
 exports (``server.metrics``):
 
 - drift: the confidence at each exit (a histogram), the calibration's thresholds
-  and agreement for the target in force beside the live ones;
+  and agreement for the target in force beside the live ones, and the curve's
+  residual: how much more each answer cost than the calibration curve says the
+  thresholds in force cost (``point_cost``), smoothed;
 - agreement: per exit an audited image was answered at, whether that answer equals
   the last exit's, and what calibration expects of it (``msdnet_agreement_expected_total``);
 - the audits' FLOPs (never charged to the budget controller);
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -48,11 +51,21 @@ class AccuracyWatch:
         sampler: which answered images are audited.
         store: recent answers, for labels.
         mean_confidence: the calibration's mean confidence per exit (None: not recorded).
+        residual_halflife: answers after which an old one weighs half in the curve's residual.
+
+    Attributes:
+        point_cost: returns the validation mean FLOPs per image of the thresholds in force
+            (``BudgetKeeper.point_cost``); None: no residual is exported.
     """
 
     def __init__(self, metrics: Metrics, exit_flops: list[float], reference: CalibratedReference,
-                 sampler: AuditSampler, store: FeedbackStore, mean_confidence: tuple[float, ...] | None = None):
+                 sampler: AuditSampler, store: FeedbackStore, mean_confidence: tuple[float, ...] | None = None,
+                 residual_halflife: float = 50.0):
         self.metrics, self.reference, self.sampler, self.store = metrics, reference, sampler, store
+        self.point_cost: Callable[[], float] | None = None
+        self._keep = 0.5 ** (1.0 / residual_halflife)
+        self._residual = 0.0
+        self._lock = threading.Lock()  # model threads answer concurrently
         self.exit_flops = [float(f) for f in exit_flops]
         k = len(self.exit_flops)
         self._histograms = [metrics.confidence.labels(exit=str(e)) for e in range(1, k + 1)]
@@ -88,6 +101,10 @@ class AccuracyWatch:
         if not task.auditable or result.probs is None or result.outcome not in ANSWERED:
             return
         self.sampler.served(result.flops)
+        if self.point_cost is not None and result.outcome is not Outcome.DEADLINE:  # the thresholds chose its exit
+            with self._lock:
+                self._residual = self._keep * self._residual + (1 - self._keep) * (result.flops - self.point_cost())
+                self.metrics.curve_residual.set(self._residual)
         if task.key is not None:
             self.store.answered(task.key, result.exit, int(result.probs.argmax()), task.audit)
 
@@ -146,11 +163,13 @@ class AccuracyWatch:
 
 
 def build_watch(metrics: Metrics, exit_flops: list[float], calibration: Calibration, last_top1: float | None, *,
-                share: float, max_flops_share: float, store_size: int) -> AccuracyWatch:
+                share: float, max_flops_share: float, store_size: int,
+                residual_halflife: float = 50.0) -> AccuracyWatch:
     """The watch for a checkpoint's ``calibration`` (``last_top1``: validation top-1 at the
     last exit from its model card, None if unrecorded) and the settings' ``share`` of
-    images audited, ``max_flops_share`` of served FLOPs they may cost and ``store_size``
-    answers kept for labels. Logs once when the calibration predates the per-exit figures."""
+    images audited, ``max_flops_share`` of served FLOPs they may cost, ``store_size``
+    answers kept for labels and the curve residual's ``residual_halflife`` (answers).
+    Logs once when the calibration predates the per-exit figures."""
     reference = CalibratedReference(list(calibration.curve), len(exit_flops), last_top1)
     if not reference.has_figures:
         log.warning("the checkpoint's calibration has no per-exit agreement figures: the agreement expected is "
@@ -159,4 +178,4 @@ def build_watch(metrics: Metrics, exit_flops: list[float], calibration: Calibrat
     sampler = AuditSampler(share, exit_flops, max_flops_share,
                            on_skip=lambda reason: metrics.audit_skipped.labels(reason=reason).inc())
     return AccuracyWatch(metrics, exit_flops, reference, sampler, FeedbackStore(store_size),
-                         calibration.mean_confidence)
+                         calibration.mean_confidence, residual_halflife)

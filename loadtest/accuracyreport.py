@@ -30,6 +30,21 @@ def _points(v) -> str:
     return "–" if v is None else f"{v:+.2f}"
 
 
+def _firing_cell(row: dict) -> str:
+    """When an accuracy-watch alert fired in the phase; for a phase that began with one
+    still firing from the shift before, how long it took to clear, and any firing after."""
+    spans = row.get("firing_spans_s")
+    if row.get("firing_at_start"):
+        if spans is None:  # a run from before the spans were kept
+            return f"still firing from the shift ({row['firing_seconds']} s of the phase)"
+        first, rest = (spans[0], spans[1:]) if spans else ([0, 0], [])
+        text = f"still firing from the shift; cleared after {first[1]:.0f} s"
+        return text + (f"; fired again at {', '.join(f'{a:.0f} s' for a, _ in rest)}" if rest else "")
+    if row["firing_after_requests"] is None:
+        return "–"
+    return f"{row['firing_after_requests']:,} ({row['firing_after_s']:.0f} s)"
+
+
 def goals(res: dict) -> list[tuple[str, str, bool | None]]:
     """(goal, figure reached, met) for the goals of issue 24's item 4."""
     off, rows = res["offline"], res["stream"]["phases"]
@@ -88,7 +103,7 @@ def section(res: dict) -> str:
                    [[name, _pct(f["last_top1"]), _pct(f["served_top1"]),
                      _points(100 * (f["served_top1"] - f["last_top1"])), _pct(f["agreement"]),
                      f"{f['mean_confidence_exit1']:.3f}", _pct(f.get("bias_ratio_expected"), 1),
-                     yes(f.get("must_flag")) if name != CLEAN else "–"]
+                     ("yes" if f.get("must_flag") else "no") if name != CLEAN else "–"]
                     for name, f in off.items()])
     lines += ["", "## Served: when the alerts fired", "",
               "Requests counted from the start of the phase; 'pending': the alert's expression first true (the "
@@ -98,10 +113,9 @@ def section(res: dict) -> str:
                     "first alert", "audit share", "p99 ms"],
                    [[r["phase"], f"{r['requests']:,}", _pct(r["served_top1"]),
                      fmt(None if r["mean_flops"] is None else r["mean_flops"] / 1e6, "{:.2f}"),
-                     "–" if r["pending_after_requests"] is None else
+                     "–" if r["pending_after_requests"] is None or r.get("firing_at_start") else
                      f"{r['pending_after_requests']:,} ({r['pending_after_s']:.0f} s)",
-                     "–" if r["firing_after_requests"] is None else
-                     f"{r['firing_after_requests']:,} ({r['firing_after_s']:.0f} s)",
+                     _firing_cell(r),
                      ", ".join(sorted((k for k, v in r["firing_by_alert_s"].items() if v is not None),
                                       key=lambda k: r["firing_by_alert_s"][k])) or "–",
                      _pct(r["audit_flops_share"]), fmt(r["p99_ms"], "{:.1f}")]

@@ -57,3 +57,17 @@ def test_section_merges_before_the_real_size_part_and_is_replaced(tmp_path):
     text = bench.read_text()
     assert text.count(rep.BEGIN) == 1 and "4,000 (200 s)" in text and "3,000 (150 s)" not in text
     assert text.endswith("# Real sizes\n")
+
+
+def test_a_phase_that_starts_with_the_shifts_alert_says_when_it_cleared_and_any_refiring():
+    from loadtest.parts.accuracywatch import spans
+
+    t0 = 1000.0
+    series = [{"values": [[t0 + t, "1"] for t in (0, 1, 2, 3, 40, 41)]}, {"values": [[t0 + 3, "1"], [t0 + 99, "1"]]}]
+    assert spans(series, t0, t0 + 60) == [[0.0, 3.0], [40.0, 41.0]]  # the sample at 99 s is past the phase
+    row = {**ROW, "phase": "clean", "firing_at_start": True, "firing_spans_s": spans(series, t0, t0 + 60)}
+    assert rep._firing_cell(row) == "still firing from the shift; cleared after 3 s; fired again at 40 s"
+    cleared = rep._firing_cell({**row, "firing_spans_s": [[0.0, 55.0]]})
+    assert cleared == "still firing from the shift; cleared after 55 s"
+    assert rep._firing_cell({**ROW, "firing_after_requests": 1234, "firing_after_s": 61.6}) == "1,234 (62 s)"
+    assert rep._firing_cell(ROW) == "–"

@@ -115,6 +115,19 @@ def first_time(series: list[dict], after: float, before: float) -> float | None:
     return min(ts) if ts else None
 
 
+def spans(series: list[dict], after: float, before: float, step_s: float = 1.0) -> list[list[float]]:
+    """The stretches of [after, before) in which any series has samples (an alert firing),
+    as ``[start, end]`` seconds from ``after``; samples ``step_s`` apart belong together."""
+    ts = sorted({float(t) for s in series for t, _ in s["values"] if after <= float(t) < before})
+    out: list[list[float]] = []
+    for t in ts:
+        if out and t - (out[-1][1] + after) <= 1.5 * step_s:
+            out[-1][1] = t - after
+        else:
+            out.append([t - after, t - after])
+    return out
+
+
 def stream(checkpoint: str, plan: list[tuple[str, float]], bodies: dict[str, list[bytes]], labels: np.ndarray,
            rate: float, folder: Path, label_every: int, seed: int = 0) -> dict:
     """Serve ``plan`` at ``rate`` with Prometheus watching; the figures per phase and the signals."""
@@ -166,7 +179,8 @@ def stream(checkpoint: str, plan: list[tuple[str, float]], bodies: dict[str, lis
                 "firing_after_requests": None if fired is None else sum(r.scheduled_s < fired - t0 for r in recs),
                 "firing_by_alert_s": {k2: (None if v is None else v - a) for k2, v in by_alert.items()},
                 "firing_at_start": first_time(firing, a - 2.0, a) is not None,  # still firing from before
-                "firing_seconds": sum(1 for s in firing for t, _ in s["values"] if a <= float(t) < b)})
+                "firing_seconds": sum(1 for s in firing for t, _ in s["values"] if a <= float(t) < b),
+                "firing_spans_s": spans(firing, a, b)})
         rules = prom.rules()
     return {"started_unix": started, "run_started_unix": t0, "bounds_s": bounds.tolist(), "phases": rows,
             "signals": {name: [[float(t), float(x)] for series in result for t, x in series["values"]]

@@ -17,11 +17,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from .. import errors
 from ..settings import Settings
-from . import decoding, params
+from . import bodies, decoding, params
 from .deps import AppMetrics, AppSettings, ReadyEngine, arrival
 from .responses import batch_result, budget_state, classify_result, error_responses, feedback_result
 from .schemas import (
@@ -39,27 +38,13 @@ from .schemas import (
 
 log = logging.getLogger("msdnet.http")
 
-_POSITIVE = {"type": "number", "exclusiveMinimum": 0, "maximum": params.MAX_NUMBER}
-MULTIPART_CLASSIFY = {"schema": {"type": "object", "required": ["file"], "properties": {
-    "file": {"type": "string", "format": "binary"}, "deadline_ms": _POSITIVE}}}
-MULTIPART_BATCH = {"schema": {"type": "object", "required": ["files"], "properties": {
-    "files": {"type": "array", "items": {"type": "string", "format": "binary"}}, "flops_budget": _POSITIVE}}}
-RAW_IMAGE = {"schema": {"type": "string", "format": "binary"}}
-
-
-def _json_doc(model) -> dict:
-    return {"schema": model.model_json_schema(), "example": model.model_config["json_schema_extra"]["examples"][0]}
-
-
-def _body_doc(json_model, multipart, raw: bool) -> dict:
-    content = {"application/json": _json_doc(json_model), "multipart/form-data": multipart}
-    if raw:  # /classify also takes the image file itself as the body
-        content |= {"image/*": RAW_IMAGE, "application/octet-stream": RAW_IMAGE}
-    doc = {"requestBody": {"required": True, "content": content}}
-    if raw:
-        doc["parameters"] = [{"name": "deadline_ms", "in": "query", "required": False, "schema": _POSITIVE,
-                              "description": "With a raw image body: the deadline in milliseconds."}]
-    return doc
+CLASSIFY_BODY = bodies.BodySpec(
+    "/classify", ClassifyRequest, json_field="image", file_field="file", number="deadline_ms", many=False,
+    accepts=("application/json", "multipart/form-data", "image/*", "application/octet-stream"),
+    number_doc="With a raw image body: the deadline in milliseconds.")
+BATCH_BODY = bodies.BodySpec(
+    "/batch", BatchRequest, json_field="images", file_field="files", number="flops_budget", many=True,
+    accepts=("application/json", "multipart/form-data"))
 
 
 async def decode_off_loop(data: bytes, contract, settings: Settings):
@@ -80,7 +65,7 @@ router = APIRouter()
 
 
 @router.post("/classify", response_model=ClassifyResult, responses=error_responses(400, 408, 413, 415, 422, 503, 504),
-             openapi_extra=_body_doc(ClassifyRequest, MULTIPART_CLASSIFY, raw=True),
+             openapi_extra=bodies.openapi(CLASSIFY_BODY),
              summary="Anytime classification of one image")
 async def classify(request: Request, engine: ReadyEngine, settings: AppSettings) -> dict:
     """Leave at the first exit whose temperature-scaled confidence reaches its
@@ -88,22 +73,8 @@ async def classify(request: Request, engine: ReadyEngine, settings: AppSettings)
     says would overrun it. Body: JSON ``{"image": base64, "deadline_ms": number}``,
     multipart (``file``, ``deadline_ms``) or raw image bytes (``?deadline_ms=``)."""
     started = arrival(request)
-    ctype = params.content_type(request.headers)
-    if ctype == "application/json":
-        body = await params.json_body(request, ClassifyRequest)
-        data, deadline = params.b64decode(body.image, "image"), body.deadline_ms
-    elif ctype == "multipart/form-data":
-        form = await request.form()
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise errors.BadRequest("multipart body needs a file field named 'file'")
-        data, deadline = await upload.read(), params.positive_number(form.get("deadline_ms"), "deadline_ms")
-    elif ctype.startswith("image/") or ctype == "application/octet-stream":
-        data = await request.body()
-        deadline = params.positive_number(request.query_params.get("deadline_ms"), "deadline_ms")
-    else:
-        raise errors.UnsupportedMedia(f"content type {ctype or '(none)'!r} is not accepted; send "
-                                      "application/json, multipart/form-data or image/*")
+    body = await bodies.read_body(request, CLASSIFY_BODY)
+    (data,), deadline = body.images, body.number
     engine.admit(deadline, started)  # a passed deadline (504) or the latency objective (503): before decoding
     image = await decode_off_loop(data, engine.transforms, settings)
     decoded(request, started)
@@ -112,38 +83,22 @@ async def classify(request: Request, engine: ReadyEngine, settings: AppSettings)
 
 
 @router.post("/batch", response_model=BatchResult, responses=error_responses(400, 408, 413, 415, 422, 503),
-             openapi_extra=_body_doc(BatchRequest, MULTIPART_BATCH, raw=False),
+             openapi_extra=bodies.openapi(BATCH_BODY),
              summary="Budgeted batch classification")
 async def batch(request: Request, engine: ReadyEngine, settings: AppSettings) -> dict:
     """Classify many images under one total FLOPs budget (paper §5.2); easy
     images leave early, hard ones get more blocks; ``flops_used <= flops_budget``.
     A bad image gets an error entry in its place; the others are served."""
     started = arrival(request)
-    ctype = params.content_type(request.headers)
-    limit = settings.max_batch_images
-    if ctype == "application/json":
-        body = await params.json_body(request, BatchRequest)
-        params.image_count(len(body.images), limit, "/batch")
-        budget, encoded = body.flops_budget, [(s, f"images[{i}]") for i, s in enumerate(body.images)]
-    elif ctype == "multipart/form-data":
-        form = await request.form(max_files=limit + 1)
-        uploads = [v for k, v in form.multi_items() if k in ("files", "file") and isinstance(v, UploadFile)]
-        if not uploads:
-            raise errors.BadRequest("multipart body needs one or more file fields named 'files'")
-        params.image_count(len(uploads), limit, "/batch")
-        budget, encoded = params.positive_number(form.get("flops_budget"), "flops_budget"), None
-        files = [await u.read() for u in uploads]
-    else:
-        raise errors.UnsupportedMedia(f"content type {ctype or '(none)'!r} is not accepted; send "
-                                      "application/json or multipart/form-data")
+    body = await bodies.read_body(request, BATCH_BODY, settings.max_batch_images)
 
     engine.admit(None, started)
 
     def decode_all() -> list:
         items = []
-        for k in range(len(encoded) if encoded is not None else len(files)):
+        for image in body.images:
             try:
-                data = params.b64decode(*encoded[k]) if encoded is not None else files[k]
+                data = image.decode() if isinstance(image, bodies.Base64) else image
                 items.append(decoding.decode(data, engine.transforms, settings))
             except errors.ServiceError as exc:  # this image only
                 items.append(exc)
@@ -151,7 +106,7 @@ async def batch(request: Request, engine: ReadyEngine, settings: AppSettings) ->
 
     items = await run_in_threadpool(decode_all)
     decoded(request, started)
-    out = await engine.batch(items, budget, started)
+    out = await engine.batch(items, body.number, started)
     return batch_result(engine, out, started, settings.top_k)
 
 
@@ -165,7 +120,7 @@ async def get_budget(engine: ReadyEngine) -> dict:
 
 @router.put("/budget", response_model=BudgetState, responses=error_responses(401, 403, 408, 413, 422, 503),
             openapi_extra={"requestBody": {"required": True,
-                                           "content": {"application/json": _json_doc(BudgetUpdate)}}},
+                                           "content": {"application/json": bodies.json_content(BudgetUpdate)}}},
             summary="Change the target mean FLOPs per request")
 async def put_budget(request: Request, engine: ReadyEngine, settings: AppSettings) -> dict:
     """Needs ``Authorization: Bearer <MSDNET_BUDGET_TOKEN>``; refused (403) when
@@ -188,7 +143,7 @@ async def put_budget(request: Request, engine: ReadyEngine, settings: AppSetting
 
 @router.post("/feedback", response_model=FeedbackResult, responses=error_responses(404, 408, 409, 413, 415, 422, 503),
              openapi_extra={"requestBody": {"required": True,
-                                            "content": {"application/json": _json_doc(FeedbackRequest)}}},
+                                            "content": {"application/json": bodies.json_content(FeedbackRequest)}}},
              summary="The true label of an earlier /classify answer")
 async def feedback(request: Request, engine: ReadyEngine) -> dict:
     """Labels often arrive later: the newest ``MSDNET_FEEDBACK_STORE_SIZE`` one-image

@@ -51,117 +51,43 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _supervisor_class():
-    """uvicorn's supervisor of the HTTP workers, letting go of its listening socket at the stop.
-
-    The workers share the socket that the supervisor bound. uvicorn's supervisor kept
-    its own descriptor until the process exited, after the workers' drain and the
-    engine's stop: meanwhile the kernel went on completing new connections that no
-    worker would accept, and reset them all at the end (a client waited the whole drain
-    for nothing). Closed when the stop begins, the socket lives on in the workers until
-    each has taken in its accept queue (``server.http.drain``); after that a new
-    connection is refused at once.
-    """
-    from uvicorn.supervisors import Multiprocess
-
-    class Supervisor(Multiprocess):
-        def terminate_all(self) -> None:  # the stop: SIGTERM to each worker
-            for sock in self.sockets:
-                sock.close()
-            super().terminate_all()
-
-    return Supervisor
-
-
-def _engine_main(settings, address: str, ready) -> None:
-    """The engine process, in a process group of its own: a signal to the server's group
-    (Ctrl-C in a terminal, ``kill -- -PGID``) reached it together with the workers, and it
-    stopped taking their requests while they still drained (they answered 503, and the
-    exit status was 1); now it comes from the CLI, once the workers are gone."""
-    import os
-
-    from .ipc import engine
-
-    os.setpgid(0, 0)
-    engine.run(settings, address, ready)
-
-
 def _serve_split(settings, overrides: dict, log_config: dict) -> int:
-    """``--workers N``: one engine process (model, scheduler, controller) and N
-    uvicorn worker processes (HTTP, decoding) that reach it over a Unix socket.
-
-    The engine starts first and warms up; the workers start once it answers. The
-    workers read their settings from the environment (uvicorn spawns them), so
-    every CLI flag is passed on as its ``MSDNET_*`` variable. Metrics go through
-    a fresh prometheus-client multiprocess directory (a stale one is emptied). If
-    the engine dies, the workers are stopped and the exit status is 1.
+    """``--workers N``: one engine process (model, scheduler, controller:
+    :class:`server.ipc.launch.EngineProcess`) and N uvicorn worker processes (HTTP,
+    decoding) that reach it over a Unix socket. The engine starts first and warms up;
+    the workers start once it answers. If the engine dies, the workers are stopped and
+    the exit status is 1.
 
     SIGTERM (or SIGINT) stops the workers first (each answers every request it has
     read: ``server.http.drain``), then the engine, so the engine is there for every
     request a worker still answers.
     """
-    import logging
-    import multiprocessing
     import os
-    import shutil
-    import tempfile
-    import threading
-    from pathlib import Path
 
     import uvicorn
 
-    from .http.drain import MODEL_STOP_S
+    from .http.drain import MODEL_STOP_S, supervisor_class
     from .http.protocol import TimedHTTPProtocol
+    from .ipc.launch import EngineProcess, EngineStartError
 
-    log = logging.getLogger("msdnet.cli")
-    run_dir = Path(tempfile.mkdtemp(prefix="msdnet-"))
-    metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or run_dir / "metrics")
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    for stale in metrics_dir.glob("*.db"):  # values of an earlier run would be added to this one's
-        stale.unlink()
-    address = str(run_dir / "engine.sock")  # a Unix socket path: short, under /tmp
-    os.environ.update({f"MSDNET_{k.upper()}": str(v) for k, v in overrides.items()})
-    os.environ.update({"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "MSDNET_ENGINE_ADDRESS": address})
-
-    spawn = multiprocessing.get_context("spawn")
-    ready = spawn.Event()
-    proc = spawn.Process(target=_engine_main, args=(settings, address, ready), name="msdnet-engine")
-    proc.start()
-    while not ready.wait(0.2):
-        if not proc.is_alive():
-            shutil.rmtree(run_dir, ignore_errors=True)
-            if proc.exitcode == 2:  # a bad checkpoint: the engine printed the one-line reason
-                return 2
-            print(f"msdnet serve: error: the engine process exited with code {proc.exitcode} while starting",
-                  file=sys.stderr)
-            return 1
-    stopping = threading.Event()
-    engine_died = threading.Event()
-
-    def watch() -> None:  # the engine gone: stop the workers (uvicorn's supervisor handles SIGTERM)
-        proc.join()
-        if not stopping.is_set():
-            engine_died.set()
-            log.error("the engine process exited with code %s: stopping the workers", proc.exitcode)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="engine-watch", daemon=True).start()
+    try:
+        engine = EngineProcess(settings, overrides).start()
+    except EngineStartError as exc:
+        if exc.exitcode != 2:  # 2: a bad checkpoint, and the engine printed the one-line reason
+            print(f"msdnet serve: error: {exc}", file=sys.stderr)
+        return 2 if exc.exitcode == 2 else 1
+    # the engine gone: stop the workers (uvicorn's supervisor handles SIGTERM)
+    engine.watch(lambda: os.kill(os.getpid(), signal.SIGTERM))
     config = uvicorn.Config("server.http.app:create_app", factory=True, workers=settings.workers,
                             host=settings.host, port=settings.port, log_config=log_config,
                             timeout_graceful_shutdown=settings.drain_timeout_s, access_log=False,
                             http=TimedHTTPProtocol)
     try:
-        _supervisor_class()(config, sockets=[config.bind_socket()]).run()
+        supervisor_class()(config, sockets=[config.bind_socket()]).run()
     finally:
-        stopping.set()
-        if proc.is_alive():
-            # Only now, with every worker gone: nothing the engine still holds has anyone waiting for it.
-            proc.terminate()  # SIGTERM: the engine answers what it holds, then stops
-            proc.join(MODEL_STOP_S)
-            if proc.is_alive():
-                proc.kill()
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return 1 if engine_died.is_set() else 0
+        # Only now, with every worker gone: nothing the engine still holds has anyone waiting for it.
+        engine.stop(MODEL_STOP_S)
+    return 1 if engine.died.is_set() else 0
 
 
 def cmd_batch_eval(args) -> int:

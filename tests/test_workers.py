@@ -127,3 +127,36 @@ def test_sigterm_stops_every_process_and_a_dead_engine_stops_the_server(tiny_che
             time.sleep(0.1)
         assert srv.proc.poll() == 1, srv.read_log()[-2000:]
         assert "engine process exited" in srv.read_log()
+
+
+@pytest.mark.parametrize("case", ["uncalibrated", "crash"])
+def test_an_engine_that_cannot_start_ends_the_server_with_its_reason_and_nothing_left(tiny_checkpoint, tmp_path,
+                                                                                    case):
+    """``--workers 2``: the engine process loads the checkpoint. One it cannot serve: the
+    engine's one-line reason and status 2, as in one process; an engine that dies while
+    starting (here: ``tests.crashing_engine`` exits 3) is status 1 with what
+    happened. Either way no worker was started and the run folder is gone."""
+    import torch
+
+
+    path = tiny_checkpoint
+    env = {**os.environ, "MSDNET_WORKERS": "2", "MSDNET_TORCH_THREADS": "1", "MSDNET_BACKEND": "torch",
+           "TMPDIR": str(tmp_path)}
+    if case == "uncalibrated":
+        raw = torch.load(tiny_checkpoint, weights_only=True)
+        raw["calibration"] = None
+        path = tmp_path / "bare.pt"
+        torch.save(raw, path)
+    else:
+        env["MSDNET_TEST_ENGINE_CRASH"] = "1"
+    cmd = [sys.executable, "-m", "tests.crashing_engine" if case == "crash" else "server.cli", "serve",
+           "--checkpoint", str(path), "--port", "0"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if case == "uncalibrated":
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "msdnet serve: error:" in done.stderr and "is not calibrated" in done.stderr
+    else:
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert "msdnet serve: error: the engine process exited with code 3 while starting" in done.stderr
+    assert "Started server process" not in done.stderr  # no HTTP worker
+    assert not list(tmp_path.glob("msdnet-*")), "the run folder was left"

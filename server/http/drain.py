@@ -114,3 +114,26 @@ class Drain:
         after uvicorn's cancel at the end of the drain time they are sending their 503."""
         if self.requests:
             await asyncio.wait(set(self.requests), timeout=ANSWER_WAIT_S)
+
+
+def supervisor_class():
+    """uvicorn's supervisor of the HTTP workers (``--workers N``), letting go of its
+    listening socket at the stop.
+
+    The workers share the socket that the supervisor bound. uvicorn's supervisor kept
+    its own descriptor until the process exited, after the workers' drain and the
+    engine's stop: meanwhile the kernel went on completing new connections that no
+    worker would accept, and reset them all at the end (a client waited the whole drain
+    for nothing). Closed when the stop begins, the socket lives on in the workers until
+    each has taken in its accept queue (:class:`Drain`); after that a new connection is
+    refused at once.
+    """
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def terminate_all(self) -> None:  # the stop: SIGTERM to each worker
+            for sock in self.sockets:
+                sock.close()
+            super().terminate_all()
+
+    return Supervisor

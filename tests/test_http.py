@@ -61,10 +61,11 @@ def test_classify_multipart_json_and_raw_agree(client, exit_flops):
 
 
 def test_deadline_is_reported(client, exit_flops):
+    # met or not is the answer's latency against the deadline (how long it took is no test's bar)
     r = client.post("/classify", json={"image": b64(png(2)), "deadline_ms": 5000})
-    assert r.status_code == 200 and r.json()["deadline_met"] is True
+    assert r.status_code == 200 and r.json()["deadline_met"] is (r.json()["latency_ms"] <= 5000)
     r = client.post("/classify", files={"file": ("x.png", png(2), "image/png")}, data={"deadline_ms": "5000"})
-    assert r.status_code == 200 and r.json()["deadline_met"] is True
+    assert r.status_code == 200 and r.json()["deadline_met"] is (r.json()["latency_ms"] <= 5000)
 
 
 @pytest.mark.parametrize("kwargs,status,words", [

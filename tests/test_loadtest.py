@@ -73,16 +73,18 @@ def test_open_loop_records_against_a_real_server(server, tiny_checkpoint, data_d
     assert sum(r.warmup for r in recs) >= 1 and all(r.warmup == (r.scheduled_s < 0.3) for r in recs)
     for r in recs:
         assert r.status == 200, r
-        assert 0 < r.latency_s < 5.0
+        assert r.latency_s > 0  # how long is a benchmark figure, never a test's bar
         assert r.latency_s == pytest.approx(r.done_s - r.scheduled_s)
         assert r.sent_s >= r.scheduled_s - 1e-3  # never sent early
         assert 1 <= r.exit <= 3 and r.flops == flops[r.exit - 1]
         assert r.correct == (r.predicted == r.label) and r.label == samples[r.index % 50].label
-        assert r.deadline_ms in (2000, 5000) and r.deadline_met is True
+        assert r.deadline_ms in (2000, 5000)
+        # the server's verdict, read back as it gave it (at the 1 ms boundary either is right)
+        assert r.deadline_met is (r.server_latency_ms <= r.deadline_ms) or abs(r.server_latency_ms - r.deadline_ms) < 1
         assert 0 < r.server_latency_ms <= r.latency_s * 1e3 + 1
     s = ol.summarise(result.scored(), 2.0)
     assert s["ok"] == s["requests"] and s["error_share"] == 0
-    assert 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"] < 5000
+    assert 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"]
     assert s["offered_rps"] == pytest.approx(30, rel=0.5)
     assert 0 <= s["accuracy"] <= 1 and sum(s["exits"].values()) == s["ok"]
 

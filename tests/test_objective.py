@@ -28,19 +28,21 @@ def simulate(rates: list[tuple[float, float]], dt: float = 0.001):
     """Run the loop against the plant; ``rates`` = (seconds, arrivals per second)
     phases. Returns per tick (time, target in force, forecast wait, refused share)."""
     obj = LatencyObjective(OBJECTIVE_S, EXITS, TARGET)
-    backlog, t, trace = 0.0, 0.0, []
+    backlog, t, trace, arrived = 0.0, 0.0, [], 0.0
     for seconds, rate in rates:
         for _ in range(round(seconds / dt)):
             per_image = obj.in_force * SECONDS_PER_FLOP
             wait = backlog * per_image
             admitted = rate * dt if obj.admits(wait) else 0.0
             backlog += admitted
+            arrived += admitted
             served = min(backlog, dt / per_image)
             backlog -= served
-            obj.add_busy(served * per_image)
+            obj.add_busy(served * per_image, served * obj.in_force)
             t += dt
             if obj.due(t):
-                obj.update(t, backlog * obj.in_force * SECONDS_PER_FLOP, 1)
+                obj.update(t, backlog * obj.in_force * SECONDS_PER_FLOP, 1, arrived)
+                arrived = 0.0
             trace.append((t, obj.in_force, wait, 1.0 - admitted / (rate * dt) if rate else 0.0))
     return obj, trace
 
@@ -174,3 +176,73 @@ def test_the_front_door_also_sheds_while_decoding_is_behind_and_forgets_a_stale_
     for _ in range(400):  # no decode reports (all refused), the loop itself is on time
         door.observe(0.0)
     assert door.decode_delay_s < 0.5 * door.limit_s and door.share == 0.0
+
+
+def noisy_plant(rates: list[tuple[float, float]], seed: int, dt: float = 0.002):
+    """A discrete plant with the noise a real engine has: Poisson arrivals, each image's
+    cost random around the target in force (Gamma, shape 3: some leave at exit 1, some
+    go deep) and fixed when its work starts (an image's exit follows the thresholds in
+    force when it gets there), one model thread, FIFO. Scaled like ImageNet MSDNet-5 under a 500 ms
+    objective: 86.6 images/s at a 520 MFLOPs target, exit 1 at 254 MFLOPs. Returns the
+    loop and the target in force every 0.5 s (as the benchmark polls ``/budget``),
+    with each answer's (finish time, latency) and the refused count."""
+    import numpy as np
+
+    exits, target, objective_s = [254e6, 330e6, 420e6, 676e6, 1000e6], 520e6, 0.5
+    per_flop = 1 / (86.6 * target)
+    rng = np.random.default_rng(seed)
+    obj = LatencyObjective(objective_s, exits, target)
+    queue: list[list] = []  # [arrival, difficulty, seconds of work left (None: not started)]
+
+    def work_queued() -> float:
+        return sum(w if w is not None else obj.in_force * per_flop * g for _, g, w in queue)
+
+    t, arrived, refused, polls, answers = 0.0, 0, 0, [], []
+    for seconds, rate in rates:
+        for _ in range(round(seconds / dt)):
+            wait = work_queued()
+            for _ in range(rng.poisson(rate * dt)):
+                if obj.admits(wait):
+                    queue.append([t, rng.gamma(3.0) / 3.0, None])
+                    arrived += 1
+                else:
+                    refused += 1
+            left = dt
+            while queue and left > 0:
+                head = queue[0]
+                if head[2] is None:
+                    head[2] = obj.in_force * per_flop * head[1]
+                d = min(left, head[2])
+                head[2] -= d
+                left -= d
+                if head[2] <= 1e-12:
+                    answers.append((t + dt - left, t + dt - left - queue.pop(0)[0]))
+            obj.add_busy(dt - left, (dt - left) / per_flop)
+            t += dt
+            if obj.due(t):
+                obj.update(t, work_queued(), 1, arrived)
+                arrived = 0
+            if round(t / dt) % round(0.5 / dt) == 0:
+                polls.append((t, obj.in_force))
+    return obj, polls, answers, refused
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_with_poisson_arrivals_and_random_costs_a_steady_overload_settles_without_a_sawtooth(seed):
+    """Goal 2's 'no swing over 10% once the load is steady', with the noise the fluid plant
+    lacks. The loop that cut at every interval while its queue drained swung 23-53%
+    (exit 1 and back every 2-4 s) on this plant, as it did on the real ImageNet-size run."""
+    obj, polls, answers, refused = noisy_plant([(3.0, 0.5 * 86.6), (30.0, 1.5 * 86.6)], seed)
+    steady = [f for t, f in polls if 18.0 <= t < 33.0]  # the second half of the overload, as the benchmark
+    assert max(steady) / min(steady) - 1 <= 0.10
+    expected = 0.85 * 520e6 / 1.5  # equilibrium: 85% busy
+    assert abs(sum(steady) / len(steady) - expected) / expected < 0.1
+    assert refused == 0 and all(latency <= 0.5 for t, latency in answers if t >= 18.0)
+
+
+def test_with_poisson_arrivals_the_configured_target_is_back_within_5_s_after_a_burst():
+    obj, polls, answers, refused = noisy_plant([(3.0, 0.5 * 86.6), (10.0, 3 * 86.6), (10.0, 0.5 * 86.6)], 1)
+    assert refused > 0  # 3x is past exit 1's capacity (about 1.8x): the excess was refused
+    back = next(t for t, f in polls if t >= 13.0 and f >= 520e6) - 13.0
+    assert back < 5.0
+    assert all(f >= 520e6 for t, f in polls if t >= 13.0 + back)

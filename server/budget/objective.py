@@ -29,14 +29,20 @@ and steers the *span*, where the target in force is
    ``wait_share`` of the objective the span is multiplied by
    ``limit / wait_s`` (at least halved per interval at twice the limit) and
    lowered by ``min_cut``, so a deep queue reaches exit 1 within a few
-   intervals.
-2. **Hold utilisation** (the queue is short): the target in force is scaled by
-   ``busy_goal / busy``, by at most a factor ``rate_per_s`` per second either
-   way, but only outside a dead band of +/- ``band`` around ``busy_goal``
-   (hysteresis: a steady load settles instead of swinging). An idle or
-   HTTP-bound engine (busy low) so returns to the configured target within a
-   few seconds (a factor 2, ImageNet MSDNet-5's exit 1 to a 40% target, in 3.1 s),
-   and not within ``hold_s`` of the last cut.
+   intervals. A cut shows in the queue only once the work queued before it has
+   drained, so until then (the wait at the cut) it cuts again only if the
+   queue still grows (``regrow``): cutting at every interval of the drain took
+   the target in force to exit 1 and back in a 2-4 s sawtooth (ImageNet
+   MSDNet-5 at a steady 1.5x: 254-405 MFLOPs).
+2. **Equilibrium** (the queue is short): from the steps' seconds per FLOP and
+   the arrivals per second (both smoothed, half-life ``rates_halflife_s``) the
+   loop knows the FLOPs per image at which the model threads would be
+   ``busy_goal`` busy, and moves the target in force toward it, by at most a
+   factor ``rate_per_s`` per second, only when it is more than ``band`` away
+   (a steady load settles instead of chasing noise); raised no sooner than
+   ``hold_s`` after a cut (the smoothed arrivals lag a rise in load), unless
+   the threads are nearly idle (busy under ``idle_share`` of the goal: the
+   load fell, and the configured target comes back within a few seconds).
 3. **Refuse** only at the first exit: while the span is 0 and the forecast wait
    of a new arrival exceeds ``refuse_share`` of the objective, new requests are
    refused; a request with its own deadline is refused when the forecast wait
@@ -117,13 +123,20 @@ class LatencyObjective:
         refuse_share: at exit 1, share of the objective the forecast wait of a new
             arrival may reach before requests are refused (>= ``wait_share``).
         busy_goal: the model threads' busy share held while the queue is short.
-        band: half-width of the dead band around ``busy_goal``.
-        rate_per_s: largest factor the target in force moves by per second when
-            steering utilisation.
+        band: relative dead band around the equilibrium's FLOPs (0.07: no move
+            within 7% of it).
+        rate_per_s: largest factor the target in force moves by per second toward
+            the equilibrium.
         min_cut: span lowered by at least this much per interval while cutting.
         busy_halflife_s: half-life of the busy share's smoothing (seconds).
-        hold_s: after a cut, the target in force is not raised for this long (seconds):
-            a queue just drained is no sign that the load fell.
+        hold_s: after a cut, the target in force is not raised for this long (seconds)
+            unless the threads are nearly idle: a queue just drained is no sign that the
+            load fell.
+        regrow: while a cut's queue drains, another cut only when the wait exceeds
+            the wait at the cut by this factor.
+        rates_halflife_s: half-life of the smoothing of seconds per FLOP and arrivals
+            per second (seconds).
+        idle_share: busy below this share of ``busy_goal`` counts as idle.
 
     Raises:
         ValueError: a non-positive objective, or shares out of order.
@@ -131,7 +144,8 @@ class LatencyObjective:
 
     def __init__(self, objective_s: float, exit_flops: list[float], target: float, *, wait_share: float = 0.35,
                  refuse_share: float = 0.45, busy_goal: float = 0.85, band: float = 0.07, rate_per_s: float = 1.25,
-                 min_cut: float = 0.02, busy_halflife_s: float = 0.3, hold_s: float = 0.5):
+                 min_cut: float = 0.02, busy_halflife_s: float = 0.3, hold_s: float = 2.0, regrow: float = 1.2,
+                 rates_halflife_s: float = 2.0, idle_share: float = 0.7):
         if not (math.isfinite(objective_s) and objective_s > 0):
             raise ValueError(f"latency objective must be positive seconds, got {objective_s}")
         if not 0 < wait_share <= refuse_share <= 1:
@@ -150,6 +164,12 @@ class LatencyObjective:
         self.degraded_s = 0.0  # time spent with the target in force below the configured one (seconds)
         self.hold_s = hold_s
         self._last_cut = -math.inf
+        self._cut_wait = 0.0
+        self.regrow, self.rates_halflife_s, self.idle_share = regrow, rates_halflife_s, idle_share
+        self._flops_acc = 0.0
+        # smoothed per second: model-thread seconds in steps, FLOPs run in them, images arrived
+        self._busy_rate = self._flops_rate = self._arrival_rate = 0.0
+        self.equilibrium: float | None = None  # FLOPs per image that keep the model threads busy_goal busy
         self._last: float | None = None
         self._busy_acc = 0.0
         self.set_target(target)
@@ -173,21 +193,24 @@ class LatencyObjective:
         return STEADY if self.span >= 1.0 else DEGRADED
 
     # ---- measurements ------------------------------------------------------------
-    def add_busy(self, seconds: float) -> None:
-        """Account ``seconds`` of one model thread's time spent in a block step."""
+    def add_busy(self, seconds: float, flops: float = 0.0) -> None:
+        """Account ``seconds`` of one model thread's time spent in a block step that ran
+        ``flops`` FLOPs (its batch's images times the block's cost)."""
         self._busy_acc += seconds
+        self._flops_acc += flops
 
     def due(self, now: float) -> bool:
         """Whether a control interval has passed since the last :meth:`update`."""
         return self._last is None or now - self._last >= self.interval_s
 
-    def update(self, now: float, wait_s: float, threads: int) -> bool:
+    def update(self, now: float, wait_s: float, threads: int, arrivals: float = 0) -> bool:
         """One control step at ``now`` (seconds, monotonic) with the forecast
-        queueing delay ``wait_s`` (seconds) of a new arrival and the number of
-        model threads. Returns whether the target in force changed.
+        queueing delay ``wait_s`` (seconds) of a new arrival, the number of model
+        threads and the images that arrived since the last step. Returns whether the
+        target in force changed.
         """
         if self._last is None:
-            self._last, self._busy_acc = now, 0.0
+            self._last, self._busy_acc, self._flops_acc = now, 0.0, 0.0
             return False
         dt = now - self._last
         if dt <= 0:
@@ -197,25 +220,37 @@ class LatencyObjective:
         sample = min(1.0, self._busy_acc / (dt * max(threads, 1)))
         keep = 0.5 ** (dt / self.busy_halflife_s)
         self.busy = keep * self.busy + (1 - keep) * sample
+        self._estimate(dt, threads, arrivals)
         # The wait is noisy (steps, large images): smoothed over about two intervals, but a rise
         # counts at once at half weight, so a burst is cut within an interval or two.
         self.wait_s = max(0.5 * (self.wait_s + wait_s), 0.6 * self.wait_s + 0.4 * wait_s)
         wait_s = self.wait_s
-        self._last, self._busy_acc = now, 0.0
+        self._last, self._busy_acc, self._flops_acc = now, 0.0, 0.0
         before = self.in_force
         limit = self.wait_share * self.objective_s
-        if wait_s > limit:
+        if wait_s > limit and self._may_cut(now, wait_s):
             self.span = max(0.0, self.span * max(0.5, limit / wait_s) - self.min_cut)
-            self._last_cut = now
+            self._last_cut, self._cut_wait = now, wait_s
             self.reason = (f"forecast queueing delay {wait_s * 1e3:.0f} ms > {limit * 1e3:.0f} ms "
                            f"({self.wait_share:.0%} of the {self.objective_s * 1e3:g} ms objective)")
-        elif self.busy > self.busy_goal + self.band and self.span > 0:
-            self._scale(max(self.rate_per_s ** -dt, self.busy_goal / self.busy))
-            self.reason = f"model threads busy {self.busy:.0%} > {self.busy_goal + self.band:.0%}"
-        elif self.busy < self.busy_goal - self.band and self.span < 1.0 and now - self._last_cut >= self.hold_s:
-            self._scale(min(self.rate_per_s ** dt, self.busy_goal / max(self.busy, 1e-3)))
-            self.reason = (f"model threads busy {self.busy:.0%} < {self.busy_goal - self.band:.0%}: "
-                           "raising the target in force")
+        elif wait_s > limit:
+            self.reason = (f"forecast queueing delay {wait_s * 1e3:.0f} ms > {limit * 1e3:.0f} ms: waiting for "
+                           "the last cut to drain the queue")
+        elif self.span < 1.0 or self._target_over_equilibrium():
+            goal = self.target if self.equilibrium is None else min(self.target, max(self.exit1, self.equilibrium))
+            idle = self.busy < self.idle_share * self.busy_goal
+            if idle:  # the load fell: the smoothed rates lag behind it
+                goal = self.target
+            ratio = goal / self.in_force
+            if ((ratio > 1 + self.band or (goal >= self.target and ratio > 1))
+                    and (idle or now - self._last_cut >= self.hold_s)):
+                self._scale(min(self.rate_per_s ** dt, ratio))
+                self.reason = (f"at {self.busy:.0%} busy the engine can take {goal / 1e6:.4g} MFLOPs per image: "
+                               "raising the target in force")
+            elif ratio < 1 - self.band and self.span > 0:
+                self._scale(max(self.rate_per_s ** -dt, ratio))
+                self.reason = (f"the arrivals need {self.in_force / goal:.2f}x the model threads' "
+                               f"{self.busy_goal:.0%}: lowering the target in force to {goal / 1e6:.4g} MFLOPs")
         elif self.span >= 1.0:
             self.reason = "the queue is within the objective"
         self.refusing = not self.admits(wait_s)
@@ -223,6 +258,32 @@ class LatencyObjective:
             self.reason = (f"refusing: at exit 1 the forecast queueing delay {wait_s * 1e3:.0f} ms > "
                            f"{self.refuse_share * self.objective_s * 1e3:.0f} ms")
         return self.in_force != before
+
+    def _estimate(self, dt: float, threads: int, arrivals: float) -> None:
+        """Smooth the rates of this interval and re-estimate :attr:`equilibrium`: the FLOPs
+        per image at which the arrivals keep the model threads ``busy_goal`` busy, from
+        seconds per FLOP (steps' time over their FLOPs) and images per second."""
+        keep = 0.5 ** (dt / self.rates_halflife_s)
+        self._busy_rate = keep * self._busy_rate + (1 - keep) * self._busy_acc / dt
+        self._flops_rate = keep * self._flops_rate + (1 - keep) * self._flops_acc / dt
+        self._arrival_rate = keep * self._arrival_rate + (1 - keep) * arrivals / dt
+        if self._flops_rate > 0 and self._arrival_rate > 0 and self._busy_rate > 0:
+            seconds_per_flop = self._busy_rate / self._flops_rate
+            self.equilibrium = self.busy_goal * max(threads, 1) / (self._arrival_rate * seconds_per_flop)
+        else:
+            self.equilibrium = None  # idle: nothing bounds the target
+
+    def _target_over_equilibrium(self) -> bool:
+        """At the configured target, the arrivals would keep the threads busier than the goal."""
+        return self.equilibrium is not None and self.equilibrium < self.target * (1 - self.band)
+
+    def _may_cut(self, now: float, wait_s: float) -> bool:
+        """Whether the wait may cut again: a cut shows in the queue only once the work
+        queued before it has drained, so until then (the wait at the cut, at least two
+        intervals) another cut only if the queue still grows."""
+        if now - self._last_cut >= max(self._cut_wait, 2 * self.interval_s):
+            return True
+        return wait_s > self.regrow * self._cut_wait
 
     def _scale(self, factor: float) -> None:
         """Scale the target in force by ``factor``, clamped to [exit 1, configured]."""

@@ -70,6 +70,8 @@ class Service:
         self.transforms = checkpoint.transforms
         self.classes = checkpoint.classes
         self.exit_flops = checkpoint.exit_flops(lazy=True)
+        # FLOPs one image costs in each block's step (lazy evaluation: exit k's cost less exit k-1's)
+        self._block_flops = [f - (self.exit_flops[k - 1] if k else 0) for k, f in enumerate(self.exit_flops)]
         self.num_exits = len(self.exit_flops)
         self.metrics = metrics or Metrics(self.num_exits, self.exit_flops)
         controller = BudgetController(self.exit_flops, list(cal.curve), settings.target_flops or cal.target_flops,
@@ -99,7 +101,8 @@ class Service:
         self._objective_lock = threading.Lock()  # model threads, the ticker and the event loop use it
         self._ticking = threading.Event()
         self._degraded_s = 0.0  # already exported to msdnet_degraded_seconds_total
-        self._ages = [0.0, 0]  # requests' age when they reached the engine since the last control step: sum (s), n
+        # since the last control step: requests' age when they reached the engine (sum, s), requests, images
+        self._ages = [0.0, 0, 0]
         self.on_admission = None  # engine process: publishes each new Admission to the HTTP workers
         self.metrics.objective.set(settings.latency_slo_ms / 1e3 if settings.latency_slo_ms else 0.0)
         self.fleet = None  # a server.budget.fleet.Fleet when a Redis URL is configured
@@ -189,7 +192,7 @@ class Service:
         for b, d in enumerate(depths, start=1):
             self.metrics.queue_depth.labels(block=str(b)).set(d)
         if self.objective is not None:
-            self._steer(seconds if n else 0.0, depths)
+            self._steer(seconds if n else 0.0, depths, n * self._block_flops[block])
 
     # ---- latency objective ---------------------------------------------------------
     def forecast_wait(self, depths: list[int] | None = None) -> float:
@@ -203,18 +206,20 @@ class Service:
         work = sum(d * sched.latency.estimate(b, size) / size for b, d in enumerate(depths) if d)
         return work / self._model_threads
 
-    def _steer(self, busy_s: float, depths: list[int]) -> None:
-        """The latency objective's control step (model thread, after a step)."""
+    def _steer(self, busy_s: float, depths: list[int], flops: float = 0.0) -> None:
+        """The latency objective's control step (model thread, after a step that took
+        ``busy_s`` seconds and ran ``flops`` FLOPs)."""
         obj = self.objective
         now = time.monotonic()
         with self._objective_lock:
-            obj.add_busy(busy_s)
+            obj.add_busy(busy_s, flops)
             if not obj.due(now):
                 return
             obj.set_target(self.keeper.target)  # PUT /budget, or the fleet's target adopted on the fleet thread
-            total, n = self._ages
-            self._ages = [0.0, 0]
-            changed = obj.update(now, self.forecast_wait(depths) + (total / n if n else 0.0), self._model_threads)
+            total, n, images = self._ages
+            self._ages = [0.0, 0, 0]
+            changed = obj.update(now, self.forecast_wait(depths) + (total / n if n else 0.0), self._model_threads,
+                                 images)
             view, admission = obj.view(), obj.admission(obj.wait_s)
             degraded_s, self._degraded_s = obj.degraded_s - self._degraded_s, obj.degraded_s
         self.watch.sampler.paused = view.state != "steady"  # no audit work unless the objective is at ease
@@ -285,6 +290,7 @@ class Service:
         ages = self._ages  # how old requests are when they reach the engine (the objective's loop)
         ages[0] += time.monotonic() - started
         ages[1] += 1
+        ages[2] += len(images)
         try:  # /classify images may be audited; a one-image request's answer is kept for feedback
             return self.runner.submit(images, policies, deadlines, started, on_done, auditable=auditable,
                                       keys=[key] if key is not None else None)

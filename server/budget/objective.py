@@ -45,8 +45,13 @@ and steers the *span*, where the target in force is
    load fell, and the configured target comes back within a few seconds).
 3. **Refuse** only at the first exit: while the span is 0 and the forecast wait
    of a new arrival exceeds ``refuse_share`` of the objective, new requests are
-   refused; a request with its own deadline is refused when the forecast wait
-   exceeds its deadline (it would get a 504 later otherwise).
+   refused, when the arrivals of the last second (``fast_halflife_s``) are more
+   than exit 1 can take; when exit 1 can take them, the queue (a burst's) drains,
+   and only a wait past ``hopeless_share`` (an answer that would be late) is
+   refused. A request with its own deadline is refused when the forecast wait
+   exceeds its deadline (it would get a 504 later otherwise). A cut also goes at
+   once to what the arrivals of the last second allow, so a step in load reaches
+   its level in one cut, not in halvings.
 
 Anti-windup: the span is clamped to [0, 1] and neither rule accumulates past
 the clamp, so after a long overload the loop starts rising at once.
@@ -137,6 +142,10 @@ class LatencyObjective:
         rates_halflife_s: half-life of the smoothing of seconds per FLOP and arrivals
             per second (seconds).
         idle_share: busy below this share of ``busy_goal`` counts as idle.
+        fast_halflife_s: half-life of the arrivals' smoothing that sizes cuts and tells
+            whether exit 1 can take the arrivals (seconds).
+        hopeless_share: at exit 1, with arrivals exit 1 can take, share of the objective
+            the forecast wait may reach before requests are refused (>= ``refuse_share``).
 
     Raises:
         ValueError: a non-positive objective, or shares out of order.
@@ -145,7 +154,8 @@ class LatencyObjective:
     def __init__(self, objective_s: float, exit_flops: list[float], target: float, *, wait_share: float = 0.35,
                  refuse_share: float = 0.45, busy_goal: float = 0.85, band: float = 0.07, rate_per_s: float = 1.25,
                  min_cut: float = 0.02, busy_halflife_s: float = 0.3, hold_s: float = 2.0, regrow: float = 1.2,
-                 rates_halflife_s: float = 2.0, idle_share: float = 0.7):
+                 rates_halflife_s: float = 2.0, idle_share: float = 0.7, fast_halflife_s: float = 0.3,
+                 hopeless_share: float = 0.7):
         if not (math.isfinite(objective_s) and objective_s > 0):
             raise ValueError(f"latency objective must be positive seconds, got {objective_s}")
         if not 0 < wait_share <= refuse_share <= 1:
@@ -166,6 +176,9 @@ class LatencyObjective:
         self._last_cut = -math.inf
         self._cut_wait = 0.0
         self.regrow, self.rates_halflife_s, self.idle_share = regrow, rates_halflife_s, idle_share
+        self.fast_halflife_s, self.hopeless_share = fast_halflife_s, max(hopeless_share, refuse_share)
+        self._fast_arrival_rate = 0.0
+        self.equilibrium_fast: float | None = None  # the same from arrivals smoothed over fast_halflife_s
         self._flops_acc = 0.0
         # smoothed per second: model-thread seconds in steps, FLOPs run in them, images arrived
         self._busy_rate = self._flops_rate = self._arrival_rate = 0.0
@@ -230,6 +243,9 @@ class LatencyObjective:
         limit = self.wait_share * self.objective_s
         if wait_s > limit and self._may_cut(now, wait_s):
             self.span = max(0.0, self.span * max(0.5, limit / wait_s) - self.min_cut)
+            if self.equilibrium_fast is not None and self.target > self.exit1:
+                # a step in load: straight to what the arrivals of the last second allow, not in halvings
+                self.span = max(0.0, min(self.span, (self.equilibrium_fast - self.exit1) / (self.target - self.exit1)))
             self._last_cut, self._cut_wait = now, wait_s
             self.reason = (f"forecast queueing delay {wait_s * 1e3:.0f} ms > {limit * 1e3:.0f} ms "
                            f"({self.wait_share:.0%} of the {self.objective_s * 1e3:g} ms objective)")
@@ -267,11 +283,15 @@ class LatencyObjective:
         self._busy_rate = keep * self._busy_rate + (1 - keep) * self._busy_acc / dt
         self._flops_rate = keep * self._flops_rate + (1 - keep) * self._flops_acc / dt
         self._arrival_rate = keep * self._arrival_rate + (1 - keep) * arrivals / dt
-        if self._flops_rate > 0 and self._arrival_rate > 0 and self._busy_rate > 0:
-            seconds_per_flop = self._busy_rate / self._flops_rate
-            self.equilibrium = self.busy_goal * max(threads, 1) / (self._arrival_rate * seconds_per_flop)
-        else:
-            self.equilibrium = None  # idle: nothing bounds the target
+        fast = 0.5 ** (dt / self.fast_halflife_s)
+        self._fast_arrival_rate = fast * self._fast_arrival_rate + (1 - fast) * arrivals / dt
+        self.equilibrium = self.equilibrium_fast = None  # idle: nothing bounds the target
+        if self._flops_rate > 0 and self._busy_rate > 0:
+            flops_per_s = self.busy_goal * max(threads, 1) * self._flops_rate / self._busy_rate
+            if self._arrival_rate > 0:
+                self.equilibrium = flops_per_s / self._arrival_rate
+            if self._fast_arrival_rate > 0:
+                self.equilibrium_fast = flops_per_s / self._fast_arrival_rate
 
     def _target_over_equilibrium(self) -> bool:
         """At the configured target, the arrivals would keep the threads busier than the goal."""
@@ -298,7 +318,12 @@ class LatencyObjective:
         ``wait_s`` seconds: refused when the wait exceeds ``refuse_share`` of the
         objective while every image already leaves at exit 1 (above exit 1 the loop
         degrades instead); Retry-After the forecast delay, at least 1 s."""
-        refuse_above = math.inf if self.span > 0.0 else self.refuse_share * self.objective_s
+        if self.span > 0.0:
+            refuse_above = math.inf
+        elif self.equilibrium_fast is None or self.equilibrium_fast < self.exit1:  # more than exit 1 can take
+            refuse_above = self.refuse_share * self.objective_s
+        else:  # exit 1 can take the arrivals: a queue from a burst drains; refuse only what would be late
+            refuse_above = self.hopeless_share * self.objective_s
         return Admission(wait_s, refuse_above, max(1.0, wait_s))
 
     def admits(self, wait_s: float, deadline_s: float | None = None) -> bool:

@@ -249,19 +249,3 @@ def test_with_poisson_arrivals_the_configured_target_is_back_within_5_s_after_a_
     back = next(t for t, f in polls if t >= 13.0 and f >= 520e6) - 13.0
     assert back < 5.0
     assert all(f >= 520e6 for t, f in polls if t >= 13.0 + back)
-
-
-@pytest.mark.parametrize("arrivals_per_s, refused_at_60ms", [(500.0, False), (1500.0, True)])
-def test_at_exit_1_a_drainable_queue_is_not_refused_until_it_would_be_late(arrivals_per_s, refused_at_60ms):
-    """At exit 1 (1,000 images/s on this plant) a queue left by a burst drains when the
-    arrivals are fewer: refused only past ``hopeless_share`` (70 ms of the 100 ms
-    objective); with more arrivals than exit 1 can take, past ``refuse_share`` (45 ms)."""
-    obj = LatencyObjective(OBJECTIVE_S, EXITS, TARGET)
-    dt = obj.interval_s
-    for step in range(300):  # a queue far over the objective: down to exit 1
-        obj.add_busy(dt, dt / SECONDS_PER_FLOP)  # the thread busy throughout, at 1 us per FLOP
-        obj.update(step * dt, 1.0, 1, arrivals_per_s * dt)
-    assert obj.in_force == EXITS[0]
-    assert obj.admits(0.040)  # under both shares
-    assert obj.admits(0.060) is not refused_at_60ms
-    assert not obj.admits(0.075)  # past 70 ms: refused whatever the arrivals

@@ -327,6 +327,19 @@ class Checkpoint:
         """Cumulative FLOPs per exit (multiply-accumulates, batch 1), with or without lazy evaluation."""
         return [c.flops_lazy if lazy else c.flops for c in self.costs]
 
+    def check_target(self, target: float | None) -> None:
+        """Refuse a FLOPs target (per request, multiply-accumulates, lazy evaluation) this
+        network cannot hold on average; None (the calibration's own) passes.
+
+        Raises:
+            CheckpointError: ``target`` is below exit 1's cost or above the last exit's.
+        """
+        lo, hi = self.exit_flops()[0], self.exit_flops()[-1]
+        if target is not None and not lo <= target <= hi:
+            raise CheckpointError(f"target_flops {target:.6g} is outside what this network "
+                                  f"can spend per request: between exit 1's cost ({lo} FLOPs) and the last exit's "
+                                  f"({hi} FLOPs; multiply-accumulates, lazy evaluation)")
+
     def to_dict(self) -> dict:
         """The file's dict (module docstring), weights included: what :meth:`save` writes."""
         out = {"format": FORMAT, "version": VERSION, "config": self.config.to_dict(), "classes": list(self.classes),
@@ -362,8 +375,12 @@ def build(model: MSDNet, classes: list[str], mean: list[float], std: list[float]
     assign ``transforms`` afterwards for another contract.
 
     Raises:
-        ValueError: ``mean``/``std`` do not give one value per input channel.
+        ValueError: ``mean``/``std`` do not give one value per input channel, or a
+            class name appears twice (labels by name and folders would be ambiguous).
     """
+    twice = sorted({c for c in classes if list(classes).count(c) > 1})
+    if twice:
+        raise ValueError(f"class names must be distinct; given more than once: {twice[:10]}")
     cfg = model.cfg
     contract = InputContract.exact(cfg.image_size, cfg.in_channels, mean, std)
     return Checkpoint(model.eval(), tuple(classes), contract, tuple(exit_costs(model)), validation, calibration,
@@ -380,7 +397,12 @@ def from_dict(data: dict, where: str = "checkpoint") -> Checkpoint:
             or costs not one per class or exit, bad transforms, or a malformed part.
     """
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{where} is not an msdnet-serve checkpoint (no '{FORMAT}' format tag)")
+        hint = ""
+        official = ("module.", "blocks.", "classifier")  # the official code's keys (DataParallel or not)
+        if isinstance(data, dict) and ("state_dict" in data or any(str(k).startswith(official) for k in data)):
+            hint = ("; a checkpoint of the official MSDNet-PyTorch code? import it first: msdnet import-official "
+                    f"{where} --official-args '<its main.py arguments>' --out model.pt (docs/BRING_YOUR_OWN.md)")
+        raise CheckpointError(f"{where} is not an msdnet-serve checkpoint (no '{FORMAT}' format tag){hint}")
     if data.get("version") != VERSION:
         raise CheckpointError(f"{where} has checkpoint version {data.get('version')}; this code reads {VERSION}")
     missing = [k for k in ("config", "state_dict", "classes", "transforms", "costs") if k not in data]
@@ -444,7 +466,8 @@ def load(path: str | Path = DEFAULT_CHECKPOINT, calibrated: bool = False) -> Che
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types on foreign bytes (KeyError, EOFError, ...)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = f"{type(exc).__name__}: {first}" if first else type(exc).__name__  # a bare '101' said nothing
         raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt or truncated?): {first}") from exc
     ck = from_dict(data, str(path))
     if ck.calibration is None and calibrated:

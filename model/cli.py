@@ -32,6 +32,17 @@ def _add_config_source(p: argparse.ArgumentParser, with_checkpoint: bool) -> Non
         g.add_argument("--checkpoint", metavar="FILE", help="read the config from a checkpoint")
 
 
+def _calibration_summary(ck) -> dict | None:
+    """What ``msdnet info`` says of a checkpoint's calibration; None when uncalibrated."""
+    cal = ck.calibration
+    if cal is None:
+        return None
+    images = (f"{cal.images_count} images from {cal.images_source}" if cal.images_count
+              else "on its validation split")
+    return {"images": images, "target_flops": cal.target_flops, "val_top1": cal.val_top1,
+            "temperatures": list(cal.temperatures), "thresholds": list(cal.thresholds), "curve_points": len(cal.curve)}
+
+
 def cmd_info(args) -> int:
     from .costs import exit_costs
     from .network import MSDNet
@@ -47,10 +58,19 @@ def cmd_info(args) -> int:
         if loaded is not None:
             out["transforms"] = contract.to_transforms()
             out["classes"] = loaded.classes
+            out["calibration"] = _calibration_summary(loaded)
         print(json.dumps(out, indent=2))
         return 0
     if contract is not None:
         print(f"Input: {contract.describe()}")
+        cal = _calibration_summary(loaded)
+        if cal is None:
+            print("Calibration: none (msdnet serve refuses it; run msdnet calibrate first)")
+        else:
+            print(f"Calibration: {cal['images']}; default target {cal['target_flops'] / 1e6:.3f} MFLOPs per image "
+                  f"(lazy), validation top-1 {cal['val_top1']}, {cal['curve_points']} curve points; temperatures "
+                  f"{', '.join(f'{t:.3f}' for t in cal['temperatures'])}; thresholds "
+                  f"{', '.join(f'{t:.4f}' for t in cal['thresholds'])}")
     print("Per-exit cumulative cost at batch size 1. FLOPs = multiply-accumulates of convs and linears")
     print("(MSDNet paper); 'lazy' defers finer-scale work that only later exits need (paper §4);")
     print("'official' adds ReLU/pooling/bias ops as the official MSDNet counter does.")
@@ -97,8 +117,31 @@ def cmd_calibrate(args) -> int:
     print(f"temperatures: {temps}\nthresholds: {ths}\n"
           f"validation: mean {cal.target_flops / 1e6:.2f} MFLOPs per image (multiply-accumulates, lazy), "
           f"top-1 {100 * cal.val_top1:.2f}% ({cal.rule}); {len(cal.curve)} curve points")
+    for warning in _calibration_warnings(cal):
+        print(f"msdnet calibrate: warning: {warning}", file=sys.stderr)
     print(f"wrote {args.out or args.checkpoint}")
     return 0
+
+
+def _calibration_warnings(cal) -> list[str]:
+    """What in a fresh calibration a person should look at twice."""
+    from .calibration import NEVER
+
+    out = []
+    bounds = [k for k, t in enumerate(cal.temperatures, start=1) if t <= 0.05 or t >= 20.0]
+    if bounds:
+        out.append(f"the temperature of exit(s) {bounds} hit the fitting bound (0.05 or 20): their logits say "
+                   "little about these images (an untrained network, or too few or unlike images)")
+    if cal.images_count is not None and cal.images_count < 200:
+        out.append(f"calibrated on {cal.images_count} images: thresholds and the curve from so few are noisy "
+                   "(a few thousand held-out images are usual)")
+    never = [k for k, t in enumerate(cal.thresholds[:-1], start=1) if t == NEVER]
+    if never:
+        out.append(f"at the default target no image leaves at exit(s) {never} (threshold inf)")
+    if len(cal.curve) < 3:
+        out.append(f"the budgeted-batch curve has {len(cal.curve)} point(s): budgets and targets can only "
+                   "choose between those")
+    return out
 
 
 def cmd_evaluate(args) -> int:
@@ -155,9 +198,12 @@ def cmd_import_official(args) -> int:
     ck = import_official(args.checkpoint, args.official_args, classes=classes, contract=_contract_from(args),
                          command=shell_command(sys.argv[1:]))
     ck.save(args.out)
-    flops = ", ".join(f"{c.flops / 1e6:.3f}" for c in ck.costs)
-    print(f"imported {args.checkpoint}: {ck.config.n_blocks} exits, {ck.config.num_classes} classes, "
-          f"MFLOPs per exit {flops} (conv + linear multiply-accumulates, cumulative)")
+    lazy = ", ".join(f"{c.flops_lazy / 1e6:.3f}" for c in ck.costs)
+    eager = ", ".join(f"{c.flops / 1e6:.3f}" for c in ck.costs)
+    print(f"imported {args.checkpoint}: {ck.config.n_blocks} exits, {ck.config.num_classes} classes; "
+          f"MFLOPs per exit (conv + linear multiply-accumulates, cumulative): {lazy} with lazy evaluation "
+          f"(what the server spends and reports), {eager} computing every scale of each block "
+          "(without lazy evaluation)")
     print(f"input: {ck.transforms.describe()}")
     print(f"wrote {args.out}; next: msdnet calibrate --checkpoint {args.out} --data folder --data-dir DIR")
     return 0
@@ -219,7 +265,8 @@ def add_commands(sub) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--target-flops", type=float, help="mean FLOPs per image the default thresholds may spend "
                    "(multiply-accumulates); default: cheapest point within --max-drop of the last exit")
-    p.add_argument("--max-drop", type=float, default=0.2, help="accuracy points the default may lose (0.2)")
+    p.add_argument("--max-drop", type=float, default=0.2, help="accuracy points the default may lose (0.2); "
+                   "not used with --target-flops")
     p.add_argument("--out", help="write here instead of updating the checkpoint in place")
     p.add_argument("--figures-only", action="store_true", help="keep the temperatures, thresholds and curve; add "
                    "the per-exit agreement with the last exit, top-1 and mean confidence the server's accuracy "

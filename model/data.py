@@ -130,6 +130,12 @@ def load_cifar(data_dir: str | Path, which: str = "cifar10", split: str = "train
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 
+def folder_name(class_name: str) -> str:
+    """The folder that holds a class's images: its name, with ``/`` (no folder name can
+    hold one: Fashion-MNIST's "T-shirt/top") written as ``_``."""
+    return class_name.replace("/", "_")
+
+
 def load_folder(root: str | Path, split: str, image_size: int, channels: int, *, contract=None,
                 classes: list[str] | None = None, progress: bool = False) -> ImageSet:
     """An image-folder layout: ``root/<split>/<class name>/<image file>``.
@@ -140,13 +146,14 @@ def load_folder(root: str | Path, split: str, image_size: int, channels: int, *,
     image files (PNG, JPEG, ... of any size and mode) go through the contract's
     mode rule and geometry (:func:`model.transforms.geometry`, what the server
     applies); with ``classes`` (a checkpoint's names) the folders must be exactly
-    those classes and labels index ``classes``. ``progress`` shows a tqdm bar.
+    those classes (:func:`folder_name`: ``/`` as ``_``) and labels index ``classes``. ``progress`` shows a tqdm bar.
 
     Returns uint8 images (N, C, H, W).
 
     Raises:
-        DataError: when the split folder is missing, holds no images, or its class
-            folders differ from ``classes`` (naming the missing and extra ones).
+        DataError: when the split folder is missing, holds no images, holds a file
+            that is no readable image (naming it), or its class folders differ from
+            ``classes`` (naming the missing and extra ones).
     """
     from PIL import Image
     from tqdm import tqdm
@@ -155,27 +162,33 @@ def load_folder(root: str | Path, split: str, image_size: int, channels: int, *,
     if not base.is_dir():
         raise DataError(f"image folder {base} not found (expected {root}/{split}/<class>/<images>)")
     found = sorted(p.name for p in base.iterdir() if p.is_dir())
-    if classes is not None and set(found) != set(classes):
-        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+    folders = None if classes is None else [folder_name(c) for c in classes]
+    if folders is not None and set(found) != set(folders):
+        missing, extra = sorted(set(folders) - set(found)), sorted(set(found) - set(folders))
         raise DataError(f"the class folders of {base} do not match the checkpoint's {len(classes)} classes: "
                         f"missing {missing[:10]}, not in the checkpoint {extra[:10]}; name one folder per "
-                        "class exactly as the checkpoint's class names (msdnet info --checkpoint FILE --json)")
+                        "class exactly as the checkpoint's class names, a / written as _ "
+                        "(msdnet info --checkpoint FILE --json)")
     names = list(classes) if classes is not None else found
-    files = [(path, label) for label, name in enumerate(names) if (base / name).is_dir()
+    files = [(path, label) for label, name in enumerate(folders or found) if (base / name).is_dir()
              for path in sorted((base / name).iterdir())
              if contract is None or path.suffix.lower() in IMAGE_SUFFIXES]
+    from .transforms import geometry, to_contract_mode, upright
+
     xs, ys = [], []
     for path, label in tqdm(files, desc=f"reading {base}", unit="img", disable=not progress):
-        with Image.open(path) as stored:
-            from .transforms import geometry, to_contract_mode, upright
-
-            img = upright(stored)  # as the server does: a phone photo's EXIF rotation applied
-            if contract is not None:
-                xs.append(geometry(to_contract_mode(img, contract), contract))
-            else:
-                img = img.convert("L" if channels == 1 else "RGB").resize((image_size, image_size), Image.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
-                xs.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+        try:
+            with Image.open(path) as stored:
+                img = upright(stored)  # as the server does: a phone photo's EXIF rotation applied
+                if contract is not None:
+                    xs.append(geometry(to_contract_mode(img, contract), contract))
+                else:
+                    img = img.convert("L" if channels == 1 else "RGB").resize((image_size, image_size),
+                                                                               Image.BILINEAR)
+                    arr = np.asarray(img, dtype=np.uint8)
+                    xs.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+        except (OSError, ValueError, SyntaxError) as exc:  # Pillow: unidentified, truncated, corrupt
+            raise DataError(f"{path} is not a readable image ({exc}); remove or replace it") from exc
         ys.append(label)
     if not xs:
         raise DataError(f"image folder {base} holds no images")

@@ -55,7 +55,11 @@ _IGNORED = {"--save": 1, "--resume": 0, "--evalmode": 1, "--evaluate-from": 1, "
             "--seed": 1, "--gpu": 1, "--data-root": 1, "--use-valid": 0, "-j": 1, "--workers": 1,
             "--epochs": 1, "--start-epoch": 1, "-b": 1, "--batch-size": 1, "--optimizer": 1, "--lr": 1,
             "--learning-rate": 1, "--lr-type": 1, "--decay-rate": 1, "--momentum": 1, "--weight-decay": 1,
-            "--wd": 1}
+            "--wd": 1,
+            # the official args.py's other options: evaluation, its DenseNet/ResNet architectures, optimisers
+            "--eval": 1, "--evaluate": 1, "-d": 1, "--depth": 1, "--drop-rate": 1, "--death-mode": 1,
+            "--death-rate": 1, "--growth-rate": 1, "--bn-size": 1, "--trainer": 1, "--patience": 1, "--alpha": 1,
+            "--beta1": 1, "--beta2": 1}
 
 
 class OfficialImportError(Exception):

@@ -34,7 +34,9 @@ def cmd_serve(args) -> int:
     from model.checkpoint import load as load_checkpoint
 
     try:  # fail before binding the port, with a one-line message
-        if load_checkpoint(settings.checkpoint).calibration is None:
+        checkpoint = load_checkpoint(settings.checkpoint)
+        checkpoint.check_target(settings.target_flops)
+        if checkpoint.calibration is None:
             raise CheckpointError(f"{settings.checkpoint} is not calibrated: run 'msdnet calibrate --checkpoint "
                                   f"{settings.checkpoint} --data folder --data-dir DIR' (held-out images in "
                                   "DIR/val/<class>/) first")

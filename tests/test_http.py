@@ -215,3 +215,47 @@ def test_openapi_documents_bodies_with_examples(client):
     assert {"application/json", "multipart/form-data", "image/*"} <= set(body)
     assert body["application/json"]["example"]["deadline_ms"] == 1000
     assert "flops_budget" in spec["paths"]["/batch"]["post"]["requestBody"]["content"]["application/json"]["example"]
+
+
+def test_a_feedback_label_of_true_or_8_0_is_no_class_id_and_the_answer_stays_unlabelled(client):
+    r = client.post("/classify", content=png(3), headers={"content-type": "image/png", "x-request-id": "fb-strict"})
+    assert r.status_code == 200
+    for bad in (True, False, 8.0, None, [1]):
+        got = client.post("/feedback", json={"request_id": "fb-strict", "label": bad})
+        assert got.status_code == 422 and got.json()["error"]["field"].startswith("label"), (bad, got.text)
+    ok = client.post("/feedback", json={"request_id": "fb-strict", "label": 1})  # not taken by a refused one
+    assert ok.status_code == 200 and ok.json()["label"] == 1
+
+
+def test_wrapped_base64_and_a_data_url_decode_like_plain_base64(client):
+    data = png(4)
+    plain = client.post("/classify", json={"image": b64(data)}).json()
+    text = b64(data)
+    wrapped = "\n".join(text[i:i + 76] for i in range(0, len(text), 76)) + "\n"  # GNU base64's output
+    for form in (wrapped, wrapped.replace("\n", "\r\n"), "data:image/png;base64," + text):
+        r = client.post("/classify", json={"image": form})
+        assert r.status_code == 200, r.text
+        assert (r.json()["class_id"], r.json()["exit"]) == (plain["class_id"], plain["exit"])
+    bad = client.post("/classify", json={"image": text[:-4] + "!!!!"})
+    assert bad.status_code == 400 and "not valid base64" in bad.json()["error"]["message"]
+
+
+def test_the_deadline_in_the_query_string_follows_one_rule_whatever_the_body(client):
+    data = png(5)
+    bad = client.post("/classify?deadline_ms=abc", files={"file": ("x.png", data, "image/png")})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "deadline_ms"
+    twice = client.post("/classify?deadline_ms=50", files={"file": ("x.png", data, "image/png")},
+                        data={"deadline_ms": "50"})
+    assert twice.status_code == 422 and "twice" in twice.json()["error"]["message"]
+    for r in (client.post("/classify?deadline_ms=5000", json={"image": b64(data)}),
+              client.post("/classify?deadline_ms=5000", files={"file": ("x.png", data, "image/png")})):
+        assert r.status_code == 200 and r.json()["deadline_met"] is not None  # the query's deadline was used
+    batch = client.post("/batch?flops_budget=-1", json={"images": [b64(data)]})
+    assert batch.status_code == 422 and batch.json()["error"]["field"] == "flops_budget"
+
+
+def test_two_file_fields_in_one_classify_upload_are_refused_not_half_answered(client):
+    two = [("file", ("a.png", png(1), "image/png")), ("file", ("b.png", png(2), "image/png"))]
+    r = client.post("/classify", files=two)
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and "2 file fields" in message and "/batch" in message

@@ -160,3 +160,23 @@ def test_an_engine_that_cannot_start_ends_the_server_with_its_reason_and_nothing
         assert "msdnet serve: error: the engine process exited with code 3 while starting" in done.stderr
     assert "Started server process" not in done.stderr  # no HTTP worker
     assert not list(tmp_path.glob("msdnet-*")), "the run folder was left"
+
+
+def test_a_stop_after_a_large_decode_writes_only_json_log_lines(tiny_checkpoint):
+    """A large image is decoded in each worker's low-priority process. At the stop that
+    process was left to notice its parent gone: a plain-text "parent process ... is gone"
+    line, and multiprocessing's resource tracker warned of 10 leaked semaphores."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1100, 1100), dtype=np.uint8)).save(buf, "PNG")
+    with LiveServer(tiny_checkpoint, args=["--workers", "2"]) as srv:
+        for _ in range(4):  # both workers, most likely
+            r = httpx.post(srv.url + "/classify", content=buf.getvalue(), headers={"content-type": "image/png"},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+    assert srv.returncode == 0
+    plain = [ln for ln in srv.log.splitlines() if ln.strip() and not ln.startswith("{")]
+    assert not plain, plain[:5]

@@ -88,6 +88,10 @@ async def _read_json(request: Request, spec: BodySpec, max_images: int) -> Body:
 async def _read_multipart(request: Request, spec: BodySpec, max_images: int) -> Body:
     if not spec.many:
         form = await request.form()
+        uploads = form.getlist(spec.file_field)
+        if len(uploads) > 1:  # the last one used to win, silently
+            raise errors.BadRequest(f"multipart body has {len(uploads)} file fields named {spec.file_field!r}; "
+                                    "send one (several images: POST /batch)")
         upload = form.get(spec.file_field)
         if not isinstance(upload, UploadFile):
             raise errors.BadRequest(f"multipart body needs a file field named {spec.file_field!r}")
@@ -96,7 +100,8 @@ async def _read_multipart(request: Request, spec: BodySpec, max_images: int) -> 
     names = (spec.file_field, spec.file_field.rstrip("s"))  # "file" is taken for "files" too
     uploads = [v for k, v in form.multi_items() if k in names and isinstance(v, UploadFile)]
     if not uploads:
-        raise errors.BadRequest(f"multipart body needs one or more file fields named {spec.file_field!r}")
+        raise errors.BadRequest(f"multipart body needs one or more file fields named {names[0]!r} "
+                                f"(or {names[1]!r})")
     params.image_count(len(uploads), max_images, spec.path)
     number = params.positive_number(form.get(spec.number), spec.number)
     return Body([await u.read() for u in uploads], number)
@@ -136,25 +141,33 @@ def json_content(model: type[BaseModel]) -> dict:
 
 
 async def read_body(request: Request, spec: BodySpec, max_images: int = 1) -> Body:
-    """The body of ``request`` read by the reader of its media type.
+    """The body of ``request`` read by the reader of its media type. The number
+    (``deadline_ms``, ``flops_budget``) may also come in the query string, whatever the
+    body: it follows the same rule, and given in both places it is refused.
 
     Raises :class:`server.errors.UnsupportedMedia` (415) naming the accepted types
-    when ``spec`` takes no such body, and the reader's 400/413/422 when the body is bad
+    when ``spec`` takes no such body, :class:`server.errors.InvalidParameter` (422) for
+    a bad or twice-given number, and the reader's 400/413/422 when the body is bad
     (``max_images``: the most images a ``many`` body may carry)."""
     media = params.content_type(request.headers)
     for key in spec.accepts:
         if READERS[key].matches(media):
-            return await READERS[key].read(request, spec, max_images)
+            body = await READERS[key].read(request, spec, max_images)
+            if key not in RAW and spec.number in request.query_params:  # one rule wherever it is given
+                query = params.positive_number(request.query_params.get(spec.number), spec.number)
+                if body.number is not None:
+                    raise errors.InvalidParameter(f"{spec.number} is given twice (body and query string); "
+                                                  "give it once", field=spec.number)
+                body = Body(body.images, query)
+            return body
     listed = ", ".join(spec.accepts[:-1]) + " or " + spec.accepts[-1]
     raise errors.UnsupportedMedia(f"content type {media or '(none)'!r} is not accepted; send {listed}")
 
 
 def openapi(spec: BodySpec) -> dict:
     """The route's ``openapi_extra``: the ``requestBody`` with one content entry per
-    accepted media type, and the number as a query parameter where a raw body is taken."""
-    doc: dict = {"requestBody": {"required": True,
-                                 "content": {key: READERS[key].doc(spec) for key in spec.accepts}}}
-    if any(key in RAW for key in spec.accepts):
-        doc["parameters"] = [{"name": spec.number, "in": "query", "required": False, "schema": _POSITIVE,
-                              "description": spec.number_doc}]
-    return doc
+    accepted media type, and the number as a query parameter."""
+    return {"requestBody": {"required": True, "content": {key: READERS[key].doc(spec) for key in spec.accepts}},
+            "parameters": [{"name": spec.number, "in": "query", "required": False, "schema": _POSITIVE,
+                            "description": spec.number_doc + " In the query string with any body (a raw image "
+                            "body has no other place for it), but not in both the body and the query."}]}

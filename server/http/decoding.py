@@ -95,9 +95,12 @@ def prestart() -> int:
 
 
 def shutdown() -> None:
-    """Stop the decoding process (the app's lifespan calls this on exit)."""
+    """Stop the decoding process (the app's lifespan calls this on exit), waiting for
+    it (at most one decode: every request was answered before the lifespan ends). Left
+    running, it outlived this process and wrote a plain-text "parent is gone" line, and
+    multiprocessing's resource tracker warned of leaked semaphores."""
     global _pool
     with _pool_lock:
         if _pool is not None:
-            _pool.shutdown(wait=False, cancel_futures=True)
+            _pool.shutdown(wait=True, cancel_futures=True)
             _pool = None

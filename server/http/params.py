@@ -63,8 +63,13 @@ def _show(value) -> str:
     return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
+_WHITESPACE = str.maketrans("", "", " \t\r\n")
+
+
 def b64decode(value, what: str) -> bytes:
-    """Decode standard base64 (validated).
+    """Decode standard base64 (validated). Line breaks and spaces are dropped first
+    (GNU ``base64`` wraps at 76 characters), and a data URL's
+    ``data:<type>;base64,`` prefix, as browsers write it.
 
     Raises:
         errors.BadImage: (400) naming ``what`` when ``value`` is not a string of
@@ -72,8 +77,10 @@ def b64decode(value, what: str) -> bytes:
     """
     if not isinstance(value, str):
         raise errors.BadImage(f"{what} must be a base64 string, got {type(value).__name__}")
+    if value.startswith("data:") and ";base64," in value[:256]:
+        value = value[value.index(";base64,") + len(";base64,"):]
     try:
-        return base64.b64decode(value, validate=True)
+        return base64.b64decode(value.translate(_WHITESPACE), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise errors.BadImage(f"{what} is not valid base64: {exc}") from exc
 
@@ -135,5 +142,6 @@ async def json_body(request, model):
     except ValidationError as exc:
         problems = [(".".join(str(p) for p in e["loc"]) or "body", e["msg"].removeprefix("Value error, "))
                     for e in exc.errors()]
-        raise errors.InvalidParameter("; ".join(f"{where}: {msg}" for where, msg in problems),
-                                      field=problems[0][0]) from None
+        # a rule of this module already names its field ("deadline_ms must be ..."): not twice
+        raise errors.InvalidParameter("; ".join(msg if msg.startswith(f"{where} ") else f"{where}: {msg}"
+                                                for where, msg in problems), field=problems[0][0]) from None

@@ -41,10 +41,10 @@ log = logging.getLogger("msdnet.http")
 CLASSIFY_BODY = bodies.BodySpec(
     "/classify", ClassifyRequest, json_field="image", file_field="file", number="deadline_ms", many=False,
     accepts=("application/json", "multipart/form-data", "image/*", "application/octet-stream"),
-    number_doc="With a raw image body: the deadline in milliseconds.")
+    number_doc="The deadline in milliseconds.")
 BATCH_BODY = bodies.BodySpec(
     "/batch", BatchRequest, json_field="images", file_field="files", number="flops_budget", many=True,
-    accepts=("application/json", "multipart/form-data"))
+    accepts=("application/json", "multipart/form-data"), number_doc="The total FLOPs budget of the batch.")
 
 
 async def decode_off_loop(data: bytes, contract, settings: Settings):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 
 from .. import errors
 from . import params
@@ -143,7 +143,8 @@ class FeedbackRequest(BaseModel):
         "examples": [{"request_id": "3f9c2a7d1b5e4c60", "label": "Ankle boot"}]})
     request_id: str = Field(min_length=1, max_length=128, description="The X-Request-ID of the /classify answer "
                             "being labelled (echoed on every answer; send your own to choose it).")
-    label: int | str = Field(description="The true class: its id (0..num_classes-1) or its name.")
+    # strict: a JSON true or 8.0 is no class id (lax parsing took true for class 1)
+    label: StrictInt | StrictStr = Field(description="The true class: its id (0..num_classes-1) or its name.")
 
 
 class FeedbackResult(BaseModel):

@@ -203,6 +203,7 @@ def run(settings: Settings, address: str, ready: threading.Event | None = None) 
     follow_parent(grace_s=settings.drain_timeout_s + 5)  # the CLI killed (SIGKILL): stop, do not serve on as an orphan
     try:
         checkpoint = load(settings.checkpoint, calibrated=True)
+        checkpoint.check_target(settings.target_flops)
     except CheckpointError as exc:  # one line and status 2, as `msdnet serve` gives in one process
         print(f"msdnet serve: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -110,6 +110,38 @@ def section(res: dict) -> str:
     return "\n".join(w)
 
 
+LOOPS = "loops-overload.json"  # the loop variants' side-by-side (not an overload-*.json: no section of its own)
+
+
+def loop_row(label: str, res: dict) -> dict:
+    """One run of ``loadtest.overload`` reduced to what tells two control loops apart."""
+    step, scores = res["step"], res["step"]["phase_scores"]
+    backs = [step.get("back_after_s"), *res["burst"]["back_after_s"]]
+    return {"label": label, "git": res["machine"].get("git", "?"), "started": res["started"],
+            "loadavg_at_start": res["machine"].get("loadavg_at_start", [None])[0],
+            "within_1p5": scores[1]["within_share"], "refused_1p5": scores[1]["refused_share"],
+            "mean_flops_1p5": scores[1]["mean_flops"], "swing_1p5": step["steady_1p5x"]["swing"],
+            "within_3": scores[2]["within_share"], "refused_3": scores[2]["refused_share"],
+            "back_max_s": None if any(b is None for b in backs) else max(backs)}
+
+
+def loops_part(folder) -> str:
+    """The side-by-side of control-loop variants (``folder/loops-overload.json``, written by
+    ``python3 -m loadtest.overloadreport --loops OUT LABEL=RUN.json ...``); "" when none."""
+    path = Path(folder) / LOOPS
+    if not path.exists():
+        return ""
+    data = json.loads(path.read_text())
+    rows = [[r["label"], r["git"], fmt(r["loadavg_at_start"], "{:.1f}"), _p(r["within_1p5"]), _p(r["refused_1p5"]),
+             _m(r["mean_flops_1p5"]), _p(r["swing_1p5"], "{:.1f}"), _p(r["within_3"]), _p(r["refused_3"]),
+             fmt(r["back_max_s"], "{:.1f}") if r["back_max_s"] is not None else "not within the phase"]
+            for r in data["runs"]]
+    return "\n".join([f"## The control loop, variants side by side ({data['network']})", "", data["note"], ""]
+                     + table(["loop", "git", "load avg at start", "1.5C within", "1.5C refused", "1.5C mean MFLOPs",
+                              "1.5C swing", "3C within", "3C refused", "slowest return to target (s)"], rows)
+                     + [""])
+
+
 def docs_part(folder) -> str:
     """The overload part: a heading and :func:`section` of every ``folder/overload-*.json`` ("" when none)."""
     files = sorted(Path(folder).glob("overload-*.json"),
@@ -121,4 +153,25 @@ def docs_part(folder) -> str:
             "target in force drops towards exit 1's cost, and only past exit 1's capacity are requests refused "
             "(503 with Retry-After, before decoding). Real sizes: speed-only networks (random weights), so "
             "exits and FLOPs, not accuracy. The same 2 cores run the client.", ""]
-    return "\n".join(head) + "\n" + "\n".join(section(json.loads(f.read_text())) for f in files)
+    return ("\n".join(head) + "\n" + "\n".join(section(json.loads(f.read_text())) for f in files)
+            + ("\n" + loops_part(folder) if loops_part(folder) else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--loops OUT NOTE_FILE LABEL=RUN.json ...``: write the side-by-side of loop variants."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python3 -m loadtest.overloadreport", description=main.__doc__)
+    p.add_argument("--loops", nargs="+", metavar="ARG", required=True,
+                   help="OUT.json, a file with the paragraph above the table, then LABEL=RUN.json pairs")
+    a = p.parse_args(argv)
+    out, note, *pairs = a.loops
+    runs = [json.loads(Path(path).read_text()) for _, path in (pair.split("=", 1) for pair in pairs)]
+    rows = [loop_row(pair.split("=", 1)[0], res) for pair, res in zip(pairs, runs)]
+    Path(out).write_text(json.dumps({"network": runs[0]["network"], "note": Path(note).read_text().strip(),
+                                     "runs": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -66,3 +66,27 @@ def test_the_report_judges_each_goal_from_the_figures():
     assert list(bad.values()).count("**not met**") == 3, bad
     md = section(fake_result())
     assert "C = 100.0 req/s" in md and "C1 = 250.0 req/s" in md and "![overload fashion](overload-fashion.png)" in md
+
+
+def test_loop_variants_side_by_side_from_their_runs(tmp_path):
+    import json
+
+    from loadtest import overloadreport as rep
+
+    runs = []
+    for label, swing_max, back in (("old", 800.0, (1.0, None)), ("new", 570.0, (3.5, 2.0))):
+        res = fake_result(back=back, swing_max=swing_max)
+        res["machine"] = {"git": label[:3], "loadavg_at_start": [1.25, 1, 1]}
+        res["step"]["back_after_s"] = 1.0
+        path = tmp_path / f"{label}.json"
+        path.write_text(json.dumps(res))
+        runs.append(f"{label}={path}")
+    (tmp_path / "note.txt").write_text("Same machine, one after the other.\n")
+    assert rep.main(["--loops", str(tmp_path / rep.LOOPS), str(tmp_path / "note.txt"), *runs]) == 0
+    rows = json.loads((tmp_path / rep.LOOPS).read_text())["runs"]
+    assert [r["label"] for r in rows] == ["old", "new"]
+    assert rows[0]["back_max_s"] is None and rows[1]["back_max_s"] == 3.5
+    assert rows[1]["swing_1p5"] == pytest.approx(570.0 / 550.0 - 1)
+    md = rep.loops_part(tmp_path)
+    assert "Same machine, one after the other." in md and "not within the phase" in md and "| new | new | 1.2 |" in md
+    assert rep.LOOPS not in [p.name for p in tmp_path.glob("overload-*.json")]  # no section of its own

@@ -91,7 +91,8 @@ def section(res: dict) -> str:
              "`deploy/prometheus/alerts.yml`, Poisson open-loop traffic of Fashion-MNIST test images, "
              f"clean for {res['clean_s'] / 60:g} min, then each shift for {res['shift_s'] / 60:g} min followed by "
              f"{res['recover_s'] / 60:g} min of clean images. Target {res['target_flops'] / 1e6:.2f} MFLOPs per "
-             "request (multiply-accumulates).", "", "## Goals", ""]
+             "request (multiply-accumulates)." + (f" {res['conditions']}" if res.get("conditions") else ""),
+             "", "## Goals", ""]
     lines += table(["goal", "reached", "met"], [[g, f, yes(m) if m is not None else "–"] for g, f, m in goals(res)])
     lines += ["", "## What each shift does to the answers (offline, 10,000 test images)", "",
               "Thresholds from the calibration curve's point whose mean cost on the shifted images is at most the "
@@ -122,8 +123,13 @@ def section(res: dict) -> str:
                     for r in s["phases"]])
     cap = res.get("capacity")
     if cap:
-        lines += ["", "Capacity at p99 <= 100 ms (raw PNG, `loadtest.parts.capacity.find_capacity`): "
-                  + "; ".join(f"{k}: {v['capacity_rps']:,.0f} requests/s" for k, v in cap.items()) + "."]
+        def shown(c: dict) -> str:
+            return "; ".join(f"{k}: {v['capacity_rps']:,.0f}" for k, v in c.items()) + " requests/s"
+
+        lines += ["", "Capacity at p99 <= 100 ms (raw PNG, `loadtest.parts.capacity.find_capacity`, after the "
+                  f"stream, `--capacity-only`): {shown(cap)}."
+                  + "".join(f" Search repeated: {shown(again)} (the search's noise)."
+                            for again in res.get("capacity_repeats", []))]
     lines += ["", f"Other alerts that fired during the run: {', '.join(s['other_alerts']) or 'none'}. "
               f"Labels sent (`POST /feedback`, every {res.get('label_every', 10)}th request, 2 s later): "
               f"{s['feedback_statuses']}.", "", "![accuracy watch signals across the shifts](accuracywatch.png)", "",

@@ -153,8 +153,9 @@ def docs_part(folder) -> str:
             "target in force drops towards exit 1's cost, and only past exit 1's capacity are requests refused "
             "(503 with Retry-After, before decoding). Real sizes: speed-only networks (random weights), so "
             "exits and FLOPs, not accuracy. The same 2 cores run the client.", ""]
+    loops = loops_part(folder)
     return ("\n".join(head) + "\n" + "\n".join(section(json.loads(f.read_text())) for f in files)
-            + ("\n" + loops_part(folder) if loops_part(folder) else ""))
+            + ("\n" + loops if loops else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from model.calibration import NEVER
 from model.cli import _calibration_warnings
 from model.cli import main as msdnet
 from model.official import parse_official_args
-from tests.test_official import REF, fixture, needs_ref
+from tests.test_official import REF, needs_ref
 
 
 def run(*args: str, tmp_path: Path, workers: int = 1) -> subprocess.CompletedProcess:
@@ -88,7 +88,6 @@ def test_the_official_args_options_that_shape_no_msdnet_are_ignored():
 
 @needs_ref
 def test_a_checkpoint_of_the_official_code_read_as_ours_says_to_import_it(tmp_path):
-    _, args = fixture("cifar-tiny")
     for name in ("checkpoint_main.pth.tar", "state_dict.pt"):
         with pytest.raises(ckpt.CheckpointError, match="import it first: msdnet import-official"):
             ckpt.load(REF / "cifar-tiny" / name)

@@ -33,7 +33,9 @@ and steers the *span*, where the target in force is
    drained, so until then (the wait at the cut) it cuts again only if the
    queue still grows (``regrow``): cutting at every interval of the drain took
    the target in force to exit 1 and back in a 2-4 s sawtooth (ImageNet
-   MSDNet-5 at a steady 1.5x: 254-405 MFLOPs).
+   MSDNet-5 at a steady 1.5x: 254-405 MFLOPs). A cut also goes at once to what
+   the arrivals of the last second allow (``fast_halflife_s``), so a step in load
+   reaches its level in one cut, not in halvings.
 2. **Equilibrium** (the queue is short): from the steps' seconds per FLOP and
    the arrivals per second (both smoothed, half-life ``rates_halflife_s``) the
    loop knows the FLOPs per image at which the model threads would be
@@ -46,9 +48,7 @@ and steers the *span*, where the target in force is
 3. **Refuse** only at the first exit: while the span is 0 and the forecast wait
    of a new arrival exceeds ``refuse_share`` of the objective, new requests are
    refused; a request with its own deadline is refused when the forecast wait
-   exceeds its deadline (it would get a 504 later otherwise). A cut also goes at
-   once to what the arrivals of the last second allow (``fast_halflife_s``), so a
-   step in load reaches its level in one cut, not in halvings. (Refusing later
+   exceeds its deadline (it would get a 504 later otherwise). (Refusing later
    while exit 1 could drain a burst's queue was tried: at 3x on ImageNet
    MSDNet-5 the admitted answers came late and 29% instead of 54% were answered
    within the objective.)
@@ -241,7 +241,7 @@ class LatencyObjective:
             self.span = max(0.0, self.span * max(0.5, limit / wait_s) - self.min_cut)
             if self.equilibrium_fast is not None and self.target > self.exit1:
                 # a step in load: straight to what the arrivals of the last second allow, not in halvings
-                self.span = max(0.0, min(self.span, (self.equilibrium_fast - self.exit1) / (self.target - self.exit1)))
+                self.span = min(self.span, self._span_of(self.equilibrium_fast))
             self._last_cut, self._cut_wait = now, wait_s
             self.reason = (f"forecast queueing delay {wait_s * 1e3:.0f} ms > {limit * 1e3:.0f} ms "
                            f"({self.wait_share:.0%} of the {self.objective_s * 1e3:g} ms objective)")
@@ -305,8 +305,12 @@ class LatencyObjective:
         """Scale the target in force by ``factor``, clamped to [exit 1, configured]."""
         if self.target <= self.exit1:
             return
-        flops = min(self.target, max(self.exit1, self.in_force * factor))
-        self.span = (flops - self.exit1) / (self.target - self.exit1)
+        self.span = self._span_of(self.in_force * factor)
+
+    def _span_of(self, flops: float) -> float:
+        """The span whose target in force is ``flops`` clamped to [exit 1, configured]
+        (the configured target above exit 1's cost)."""
+        return (min(self.target, max(self.exit1, flops)) - self.exit1) / (self.target - self.exit1)
 
     # ---- admission ---------------------------------------------------------------
     def admission(self, wait_s: float) -> Admission:
